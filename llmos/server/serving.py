@@ -1,0 +1,505 @@
+"""The logic behind the OpenAI routes: a request in, engine runs, a response or a stream of chunks out.
+
+Nothing here knows HTTP beyond status codes: routes.py hands in a parsed request and a
+`disconnected()` callable and gets back a pydantic response or an async iterator of
+server-sent-event lines.
+
+Concurrency, for now: each model has one worker thread (its engine lock), so one
+generation runs per model while the event loop stays free. A request is admitted only
+while fewer than `max_pending` are running or waiting, else it gets 503 at once. A job
+checks a cancel flag between tokens, and the flag is set when the client goes away.
+`Job` is the seam for the batched decode loop: a scheduler that steps many requests
+together replaces `Job._run` and the worker thread, and nothing above it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
+from llmos.engine import Engine, Piece, SamplingParams
+from llmos.errors import LlmosError
+from llmos.server import protocol as p
+
+# ----------------------------------------------------------------------------
+# Settings and errors
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # required to bind anything but loopback; then every route checks it
+    max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413
+    max_tokens: int = 4096  # the most tokens one choice may ask for; also the default when a request gives none
+    max_choices: int = 8  # n (times the number of prompts, for completions) per request
+    max_pending: int = 8  # requests running or waiting; one more gets 503
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to expose an unauthenticated server beyond this machine."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key:
+        raise LlmosError(
+            f"--host {host} would expose the server to other machines without a key; "
+            "pass --api-key KEY (clients then send 'Authorization: Bearer KEY') or bind 127.0.0.1"
+        )
+
+
+class APIError(Exception):
+    """An error the client gets back in OpenAI's shape, with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return p.ErrorResponse(error=p.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
+
+
+def not_supported(param: str, what: str) -> APIError:
+    return APIError(400, f"{what} is not supported yet by llmos serve; leave `{param}` out", param=param, code="unsupported_parameter")
+
+
+# ----------------------------------------------------------------------------
+# Served models and the jobs that run on them
+
+Disconnected = Callable[[], Awaitable[bool]]
+_DONE = object()
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: Engine
+    tokenizer: object  # llmos.tokenizer.Tokenizer
+    context: int  # the model's context limit in tokens
+    defaults: dict  # sampling defaults from the checkpoint's generation config
+    worker: ThreadPoolExecutor  # one thread: one generation at a time on this model
+
+    @classmethod
+    def build(cls, name: str, model, tokenizer, ckpt=None) -> "ServedModel":
+        if tokenizer is None:
+            raise LlmosError(f"model {name!r} has no tokenizer; serve a checkpoint that includes one")
+        meta = getattr(ckpt, "meta", None) or {}
+        gen = meta.get("generation") or {}
+        defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if gen.get(k) is not None}
+        if gen.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        engine = Engine(model, tokenizer, eos_ids=meta.get("eos_token_ids"))
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llmos-{name}")
+        return cls(name, engine, tokenizer, model.cfg.max_seq_len, defaults, worker)
+
+
+class Job:
+    """One request's generation: its runs (one per choice) go one after another on the model's
+    worker thread, and their pieces come back to the event loop as (choice index, Piece)."""
+
+    def __init__(self, served: ServedModel, runs: list, release: Callable[[], None]):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.release = release
+        served.worker.submit(self._run, runs)
+
+    def _run(self, runs) -> None:
+        try:
+            for index, stream in enumerate(runs):
+                if self.cancelled.is_set():  # the client left while this job waited its turn
+                    return
+                for piece in stream:
+                    if self.cancelled.is_set():
+                        return
+                    self._put((index, piece))
+        except Exception as e:  # handed to the request, which answers with it
+            self._put(e)
+        finally:
+            self.release()  # before _DONE: a client that saw the end can send its next request at once
+            self._put(_DONE)
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: the server is shutting down
+            self.cancelled.set()
+
+    async def pieces(self, disconnected: Disconnected) -> AsyncIterator[tuple[int, Piece]]:
+        """Pieces until the job ends; stops it when the client disconnects or the consumer stops."""
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:  # (not the builtin before 3.11) still waiting for the worker: is anyone still listening?
+                    if await disconnected():
+                        return
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if await disconnected():
+                    return
+        finally:
+            self.cancelled.set()
+
+
+# ----------------------------------------------------------------------------
+# Serving: the endpoints' logic
+
+
+class Serving:
+    def __init__(self, models: dict, config: ServerConfig | None = None):
+        """models: name → (Transformer, Tokenizer, Checkpoint | None)."""
+        if not models:
+            raise LlmosError("no models to serve; pass at least one model name")
+        self.config = config or ServerConfig()
+        self.models = {name: ServedModel.build(name, *entry) for name, entry in models.items()}
+        self.pending = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for served in self.models.values():
+            served.worker.shutdown(wait=False, cancel_futures=True)
+
+    # --- models, health, admission ---
+
+    def model(self, name: str | None) -> ServedModel:
+        if name is None:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise APIError(404, f"The model `{name}` does not exist; this server has {', '.join(self.models)}", param="model", code="model_not_found")
+        return self.models[name]
+
+    def list_models(self) -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=m.name, max_model_len=m.context) for m in self.models.values()])
+
+    def health(self) -> dict:
+        return {"status": "ok", "models": list(self.models), "pending": self.pending, "max_pending": self.config.max_pending}
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self.pending >= self.config.max_pending:
+                raise APIError(503, f"the server is busy ({self.pending} requests running or queued); retry shortly",
+                               type="server_error", code="server_busy", headers={"Retry-After": "1"})
+            self.pending += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self.pending -= 1
+
+    def _start(self, served: ServedModel, runs: list) -> Job:
+        self._admit()
+        try:
+            return Job(served, runs, self._release)
+        except BaseException:
+            self._release()
+            raise
+
+    # --- request → sampling parameters ---
+
+    def _params(self, req: p.SamplingFields, served: ServedModel, prompt_len: int, max_new: int | None,
+                logprobs: int | None, what: str) -> SamplingParams:
+        cap, room = self.config.max_tokens, served.context - prompt_len
+        if max_new is not None and max_new > cap:
+            raise APIError(400, f"max_tokens is {max_new} but this server allows at most {cap}; ask for fewer "
+                                "or start the server with a larger --max-tokens", param="max_tokens")
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {served.context} tokens. However, your {what} "
+                                f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+                           param=what, code="context_length_exceeded")
+        if max_new is not None and prompt_len + max_new > served.context:
+            raise APIError(400, f"This model's maximum context length is {served.context} tokens. However, you requested "
+                                f"{prompt_len + max_new} tokens ({prompt_len} in the {what}, {max_new} in the completion). "
+                                f"Please reduce the length of the {what} or completion.", param=what, code="context_length_exceeded")
+        if req.logit_bias:
+            raise not_supported("logit_bias", "logit_bias")
+
+        def pick(name, fallback):
+            value = getattr(req, name)
+            return value if value is not None else served.defaults.get(name, fallback)
+
+        params = SamplingParams(
+            max_new_tokens=max_new if max_new is not None else min(cap, room),
+            temperature=pick("temperature", 1.0),  # OpenAI's defaults, unless the model's generation config says otherwise
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed,
+            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            logprobs=logprobs,
+        )
+        try:
+            params.validate()
+        except LlmosError as e:
+            raise APIError(400, str(e)) from None
+        return params
+
+    def _runs(self, served: ServedModel, prompts: list[list[int]], params: SamplingParams, n: int) -> list:
+        """One engine stream per choice. Choice j of a seeded request samples with seed + j, so the
+        choices differ from each other and each one repeats exactly. The engine checks its inputs
+        here, before anything is sent."""
+        runs = []
+        for ids in prompts:
+            for j in range(n):
+                seed = None if params.seed is None else params.seed + j
+                try:
+                    runs.append(served.engine.stream(ids, dataclasses.replace(params, seed=seed)))
+                except LlmosError as e:
+                    raise APIError(400, str(e)) from None
+        return runs
+
+    # --- /v1/chat/completions ---
+
+    async def chat(self, req: p.ChatCompletionRequest, disconnected: Disconnected):
+        served = self.model(req.model)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise not_supported("response_format", f"response_format {req.response_format.type} (constrained decoding)")
+        if req.tool_choice == "required" or isinstance(req.tool_choice, p.NamedToolChoice):
+            raise not_supported("tool_choice", "forcing a tool call")
+        n = req.n or 1
+        if n > self.config.max_choices:
+            raise APIError(400, f"n is {n} but this server allows at most {self.config.max_choices}", param="n")
+        prompt = self._chat_prompt(served, req)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, served, len(prompt), req.max_completion_tokens or req.max_tokens, top, "messages")
+        job = self._start(served, self._runs(served, [prompt], params, n))
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.name)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._chat_stream(served, job, disconnected, head, n, len(prompt), include_usage)
+        choices = await collect(job, disconnected, n)
+        return p.ChatCompletion(
+            **head,
+            choices=[
+                p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish,
+                             logprobs=self._chat_logprobs(served, c.tokens) if top is not None else None)
+                for i, c in enumerate(choices)
+            ],
+            usage=usage(len(prompt), choices),
+        )
+
+    def _chat_prompt(self, served: ServedModel, req: p.ChatCompletionRequest) -> list[int]:
+        check_order(req.messages)
+        messages = []
+        for m in req.messages:
+            d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name is not None:
+                d["name"] = m.name
+            if m.tool_calls:
+                d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            messages.append(d)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        try:
+            return served.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+        except LlmosError as e:  # the template's own raise_exception(), e.g. "roles must alternate"
+            raise APIError(400, str(e), param="messages") from None
+
+    async def _chat_stream(self, served: ServedModel, job: Job, disconnected: Disconnected, head: dict, n: int,
+                           prompt_len: int, include_usage: bool):
+        def chunk(choices, usage=None) -> str:
+            return sse(p.ChatCompletionChunk(**head, choices=choices, usage=usage))
+
+        choices = [Choice() for _ in range(n)]
+        for i in range(n):
+            yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
+        try:
+            async for i, piece in job.pieces(disconnected):
+                c = choices[i]
+                c.add(piece)
+                logprobs = None
+                if piece.logprob is not None:
+                    logprobs = self._chat_logprobs(served, [(piece.token_id, piece.logprob, piece.top_logprobs)])
+                if piece.text or logprobs:
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(content=piece.text), logprobs=logprobs)])
+                if piece.finish_reason:
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(), finish_reason=piece.finish_reason)])
+        except Exception as e:  # the status line is already sent: report in the stream, as OpenAI does
+            yield sse(error_body(e))
+            return
+        if include_usage:
+            yield chunk([], usage(prompt_len, choices))
+        yield "data: [DONE]\n\n"
+
+    def _chat_logprobs(self, served: ServedModel, tokens: list[tuple]) -> p.ChoiceLogprobs:
+        decode = lambda i: served.tokenizer.decode([i])  # noqa: E731  the engine's token text, as in its top list
+        return p.ChoiceLogprobs(content=[
+            p.TokenLogprob(token=decode(t), logprob=lp, bytes=utf8(decode(t)),
+                           top_logprobs=[p.TopLogprob(token=a.text, logprob=a.logprob, bytes=utf8(a.text)) for a in top or []])
+            for t, lp, top in tokens
+        ])
+
+    # --- /v1/completions ---
+
+    async def completions(self, req: p.CompletionRequest, disconnected: Disconnected):
+        served = self.model(req.model)
+        if req.suffix:
+            raise not_supported("suffix", "suffix (fill in the middle)")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise not_supported("best_of", "best_of other than n")
+        if req.echo and req.logprobs is not None:
+            raise not_supported("logprobs", "logprobs together with echo")
+        prompts, texts = self._completion_prompts(served, req.prompt)
+        n = req.n or 1
+        if len(prompts) * n > self.config.max_choices:
+            raise APIError(400, f"{len(prompts)} prompts times n={n} is {len(prompts) * n} choices but this server "
+                                f"allows at most {self.config.max_choices} per request", param="n")
+        longest = max(prompts, key=len)
+        max_new = req.max_tokens if req.max_tokens is not None else 16  # the legacy endpoint's default, as OpenAI
+        params = self._params(req, served, len(longest), max_new, req.logprobs, "prompt")
+        job = self._start(served, self._runs(served, prompts, params, n))
+        head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.name)
+        echoes = [text if req.echo else "" for text in texts for _ in range(n)]
+        prompt_tokens = sum(map(len, prompts))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._completion_stream(served, job, disconnected, head, echoes, prompt_tokens, include_usage, req.logprobs)
+        choices = await collect(job, disconnected, len(echoes))
+        return p.Completion(
+            **head,
+            choices=[
+                p.CompletionChoice(index=i, text=echoes[i] + c.text, finish_reason=c.finish,
+                                   logprobs=completion_logprobs(c.tokens, served, len(echoes[i])) if req.logprobs is not None else None)
+                for i, c in enumerate(choices)
+            ],
+            usage=usage(prompt_tokens, choices),
+        )
+
+    def _completion_prompts(self, served: ServedModel, prompt) -> tuple[list[list[int]], list[str]]:
+        """Token ids and text of each prompt: one string, strings, one list of ids, or lists of ids."""
+        if isinstance(prompt, str) or all(isinstance(x, int) for x in prompt):
+            prompt = [prompt]
+        ids = [x if isinstance(x, list) else served.tokenizer.encode(x) for x in prompt]
+        return ids, [x if isinstance(x, str) else served.tokenizer.decode(x) for x in prompt]
+
+    async def _completion_stream(self, served: ServedModel, job: Job, disconnected: Disconnected, head: dict, echoes: list[str],
+                                 prompt_tokens: int, include_usage: bool, logprobs: int | None):
+        def chunk(choices, usage=None) -> str:
+            return sse(p.Completion(**head, choices=choices, usage=usage))
+
+        choices = [Choice() for _ in echoes]
+        offsets = [len(e) for e in echoes]
+        for i, echo in enumerate(echoes):
+            if echo:
+                yield chunk([p.CompletionChoice(index=i, text=echo)])
+        try:
+            async for i, piece in job.pieces(disconnected):
+                choices[i].add(piece)
+                lp = None
+                if logprobs is not None and piece.token_id is not None:
+                    lp = completion_logprobs([(piece.token_id, piece.logprob, piece.top_logprobs)], served, offsets[i])
+                    offsets[i] += len(lp.tokens[0])
+                if piece.text or lp or piece.finish_reason:
+                    yield chunk([p.CompletionChoice(index=i, text=piece.text, logprobs=lp, finish_reason=piece.finish_reason)])
+        except Exception as e:
+            yield sse(error_body(e))
+            return
+        if include_usage:
+            yield chunk([], usage(prompt_tokens, choices))
+        yield "data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+
+
+class Choice:
+    """One choice's pieces gathered: its text, (token id, logprob, top) per token, why it ended."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.tokens: list[tuple] = []
+        self.finish = None
+
+    def add(self, piece: Piece) -> None:
+        self.parts.append(piece.text)
+        if piece.token_id is not None:
+            self.tokens.append((piece.token_id, piece.logprob, piece.top_logprobs))
+        self.finish = piece.finish_reason or self.finish
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+async def collect(job: Job, disconnected: Disconnected, n: int) -> list[Choice]:
+    choices = [Choice() for _ in range(n)]
+    async for i, piece in job.pieces(disconnected):
+        choices[i].add(piece)
+    if any(c.finish is None for c in choices):  # the client left before the end: nobody reads this
+        raise APIError(499, "client disconnected", code="client_disconnected")
+    return choices
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> p.Usage:
+    completion = sum(len(c.tokens) for c in choices)
+    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+
+def completion_logprobs(tokens: list[tuple], served: ServedModel, offset: int) -> p.CompletionLogprobs:
+    texts = [served.tokenizer.decode([t]) for t, _, _ in tokens]
+    starts = [offset + sum(map(len, texts[:k])) for k in range(len(texts))]
+    return p.CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=[lp for _, lp, _ in tokens],
+        top_logprobs=[{a.text: a.logprob for a in top or []} for _, _, top in tokens],
+        text_offset=starts,
+    )
+
+
+def check_order(messages: list[p.ChatMessage]) -> None:
+    """Tool results must answer the tool calls just before them, and every call must get its result."""
+    waiting: set[str] = set()  # ids of the latest assistant turn's tool calls not yet answered
+    for k, m in enumerate(messages):
+        where = f"messages[{k}]"
+        if m.role == "tool":
+            if m.tool_call_id not in waiting:
+                raise APIError(400, f"{where}: a tool message must answer a tool call of the assistant message before it "
+                                    f"(tool_call_id {m.tool_call_id!r} is not one)", param="messages")
+            waiting.discard(m.tool_call_id)
+            continue
+        if waiting:
+            raise APIError(400, f"{where}: the assistant's tool calls {sorted(waiting)} need tool messages with their results first",
+                           param="messages")
+        if m.content is None and not m.tool_calls:
+            raise APIError(400, f"{where}: content is required for a {m.role} message", param="messages")
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(400, f"{where}: only assistant messages carry tool_calls", param="messages")
+        waiting = {c.id for c in m.tool_calls or []}
+    if waiting:
+        raise APIError(400, f"the assistant's tool calls {sorted(waiting)} need tool messages with their results", param="messages")
+
+
+def utf8(text: str) -> list[int] | None:
+    # A token that ends inside a multi-byte character decodes to U+FFFD: its true bytes are unknown here.
+    return None if "\ufffd" in text else list(text.encode())
+
+
+def sse(model) -> str:
+    body = model if isinstance(model, dict) else model.model_dump(mode="json")
+    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def error_body(e: Exception) -> dict:
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, LlmosError):
+        return APIError(400, str(e)).body()
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error").body()
