@@ -1,0 +1,363 @@
+"""Stage 1: pretrain a model from scratch on a text corpus.
+
+    llmos train pretrain --data corpus.txt --out DIR [--tokenizer DIR] [--depth 4] [--steps 2000 | --minutes 10]
+    llmos train pretrain --recipe recipes/pretrain_tiny.toml --data ../shared/data/corpora/tinyshakespeare.txt --out runs/tiny
+    torchrun --standalone --nproc_per_node 2 -m llmos.train.pretrain --data corpus.txt --out DIR --steps 2000
+
+DIR becomes a Hugging Face model directory that `llmos run DIR` chats with, and also
+holds trainer_state.pt (model, optimizer, step, random states, data position, config),
+data/ (token shards and the tokenizer that made them), summary.json and loss.png.
+Running the same command on an unfinished DIR resumes it exactly, after kill -9 too;
+--stop-at N pauses after step N. A DIR holding a run of another config is refused.
+
+Decisions:
+- One dial: --depth sets n_layers = depth, dim = 64 * depth (--aspect-ratio), heads of 64
+  channels, SwiGLU hidden = 8/3 dim rounded up to 32, context 128 * depth (at most 2048).
+- --minutes M: the first CALIBRATE steps, then one validation pass, are timed; that fixes
+  the total number of steps (saved, so a resume keeps it) and the cosine or WSD decay ends
+  on time. A run still going at 1.1 M minutes stops there.
+- Bits per byte = summed validation loss in nats / ln 2 / UTF-8 bytes of the validation
+  text: the whole held-out split is evaluated each time, every token predicted once
+  (document separators count, as zero bytes).
+- Distributed: each rank reads its own slice of every global batch; only rank 0 writes.
+  FSDP2 is not done yet: models must fit one device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llmos.errors import LlmosError
+from llmos.model import Config, Transformer
+from llmos.train import atomic_write, log, on_all_ranks, option, plot_losses, rank0_first, run_main, start_distributed
+from llmos.train import data as D
+
+CALIBRATE = 10  # steps timed before a --minutes run fixes its length
+# Options that may change between a run and its resume; any other change is another run.
+RUN_CONTROL = {"out", "eval_every", "save_every", "stop_at", "device", "compile", "progress", "micro_batch"}
+
+
+@dataclass
+class PretrainConfig:
+    EXCLUSIVE = [("steps", "minutes")]  # a flag for one replaces a recipe's other
+    data: str = option("", "corpus: a .txt, .md or .jsonl ({\"text\": ...}) file, or a directory of them")
+    out: str = option("", "output directory: the model, trainer_state.pt, summary.json, loss.png")
+    tokenizer: str = option("", "tokenizer directory (tokenizer.json); default: train one on the training split")
+    vocab_size: int = option(4096, "vocabulary of the tokenizer trained when --tokenizer is not given")
+    val_fraction: float = option(0.1, "last fraction of the corpus held out for validation")
+    # the model: one dial
+    depth: int = option(4, "layers; also sets width, heads and context")
+    aspect_ratio: int = option(64, "width = aspect_ratio * depth")
+    head_dim: int = option(64, "channels per attention head")
+    kv_heads: int = option(0, "key-value heads (0 = one per query head)")
+    seq_len: int = option(0, "context length trained on (0 = 128 * depth, at most 2048)")
+    tie_embeddings: bool = option(True, "the output head shares the embedding matrix")
+    # the optimization
+    steps: int = option(0, "optimizer steps (or give --minutes)")
+    minutes: float = option(0.0, "time budget in minutes instead of --steps")
+    batch_size: int = option(32, "sequences per optimizer step, all ranks and micro-batches together")
+    micro_batch: int = option(0, "sequences per forward pass on each rank (0 = batch_size / ranks)")
+    lr: float = option(3e-3, "peak learning rate")
+    schedule: str = option("cosine", "cosine, or wsd (warmup-stable-decay, linear decay over decay_frac)")
+    warmup_steps: int = option(20, "linear warmup steps")
+    decay_frac: float = option(0.2, "fraction of the run spent decaying, for wsd")
+    min_lr_frac: float = option(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = option(0.1, "AdamW decay of matrices (never of norms or embeddings)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    seed: int = option(0, "seed of the initialization and of the data order")
+    # run control: may change on resume
+    eval_every: int = option(100, "steps between validation passes (0 = only at the end)")
+    save_every: int = option(200, "steps between checkpoints (0 = only at the end)")
+    stop_at: int = option(0, "pause after this step, checkpointed; run again without it to continue")
+    device: str = option("auto", "cpu, cuda or auto")
+    compile: bool = option(False, "torch.compile the model")
+    progress: bool = option(True, "show a progress bar on stderr")
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int) -> Config:
+    dim = cfg.aspect_ratio * cfg.depth
+    heads = max(1, dim // cfg.head_dim)
+    if cfg.depth < 1 or dim % heads or heads % (cfg.kv_heads or heads):
+        raise LlmosError(f"depth {cfg.depth} with aspect ratio {cfg.aspect_ratio}, head_dim {cfg.head_dim} and "
+                         f"{cfg.kv_heads} kv heads gives no valid model; the heads must divide the width evenly")
+    return Config(vocab_size=vocab_size, dim=dim, n_layers=cfg.depth, n_heads=heads, n_kv_heads=cfg.kv_heads or heads,
+                  hidden_dim=32 * math.ceil(8 * dim / 3 / 32), max_seq_len=cfg.seq_len or min(2048, 128 * cfg.depth),
+                  tie_embeddings=cfg.tie_embeddings)
+
+
+def init_weights(model: Transformer) -> None:
+    """GPT-2 style: N(0, 0.02), residual outputs scaled down by depth, norms at one."""
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.zeros_(p)
+        else:
+            std = 0.02 / math.sqrt(2 * model.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            torch.nn.init.normal_(p, 0.0, std)
+
+
+def make_optimizer(model, cfg: PretrainConfig, device) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def lr_factor(step: int, total: int | None, cfg: PretrainConfig) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based) of `total` (None: not known yet)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if total is None:
+        return 1.0
+    if cfg.schedule == "wsd":
+        decay_start = total - round(cfg.decay_frac * total)
+        progress = max(0, step - decay_start) / max(1, total - decay_start)
+        return 1 - (1 - cfg.min_lr_frac) * progress
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model, tokens, n_bytes: int, seq_len: int, batch: int, device="cpu", rank=0, world=1, amp=nullcontext):
+    """(mean loss in nats per token, bits per byte) over every next-token prediction in `tokens`."""
+    n = len(tokens) - 1
+    windows = [(s, min(seq_len, n - s)) for s in range(0, n, seq_len)][rank::world]
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    i = 0
+    while i < len(windows):  # batch consecutive windows of one length (only the last is shorter)
+        group = [w for w in windows[i : i + batch] if w[1] == windows[i][1]]
+        i += len(group)
+        rows = torch.from_numpy(np.stack([tokens[s : s + L + 1] for s, L in group]).astype(np.int64)).to(device)
+        with amp():
+            logits = model(rows[:, :-1])
+        nats += F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").double()
+    if world > 1:
+        dist.all_reduce(nats)
+    return nats.item() / n, nats.item() / (math.log(2) * n_bytes)
+
+
+# ----------------------------------------------------------------------------
+# The run
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train (or resume) the run in cfg.out; returns its summary."""
+    if not cfg.data or not cfg.out:
+        raise LlmosError("pass --data CORPUS and --out DIR")
+    if bool(cfg.steps > 0) == bool(cfg.minutes > 0):
+        raise LlmosError("pass exactly one of --steps N and --minutes M")
+    if cfg.schedule not in ("cosine", "wsd"):
+        raise LlmosError(f"schedule {cfg.schedule!r} is not known; use cosine or wsd")
+    cfg = replace(cfg, data=str(Path(cfg.data).resolve()), tokenizer=cfg.tokenizer and str(Path(cfg.tokenizer).resolve()))
+    rank, world, device, own_group = start_distributed(cfg.device)
+    try:
+        return train(cfg, rank, world, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
+    out = Path(cfg.out)
+    state = load_state(out, cfg)
+    done = state and ((state["total_steps"] and state["step"] >= state["total_steps"]) or 0 < cfg.stop_at <= state["step"])
+    if done:
+        log(rank, f"{out}: nothing to do, the run is at step {state['step']} of {state['total_steps'] or '?'} "
+                  "(finished, or at --stop-at); pass another --out or a later --stop-at")
+        return json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+
+    tok = rank0_first(rank, world, lambda: load_or_train_tokenizer(cfg, out / "data"))
+    corpus = rank0_first(rank, world, lambda: D.prepare(cfg.data, tok, out / "data", cfg.val_fraction))
+    mcfg = model_config(cfg, tok.hf.get_vocab_size(with_added_tokens=True))
+    micro = cfg.micro_batch or cfg.batch_size // world
+    accum = cfg.batch_size // max(1, micro * world)
+    if micro < 1 or accum * micro * world != cfg.batch_size:
+        raise LlmosError(f"batch_size {cfg.batch_size} is not micro_batch {micro} x {world} ranks x a whole number "
+                         "of accumulation steps; change --batch-size or --micro-batch")
+    T = mcfg.max_seq_len
+
+    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    init_weights(model)
+    optimizer = make_optimizer(model, cfg, device)
+    loader = D.Batches(corpus.train, T, micro, rank, world, cfg.seed)
+    step, total, elapsed, history = 0, cfg.steps or None, 0.0, {"train_loss": [], "val": []}
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        step, total, elapsed, history = state["step"], state["total_steps"], state["elapsed"], state["history"]
+        set_rng_state(state["rng"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    train_model = torch.compile(ddp or model) if cfg.compile else ddp or model
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    log(rank, f"{mcfg.num_params():,} parameters ({mcfg.n_layers} layers, width {mcfg.dim}, {mcfg.n_heads} heads, "
+              f"context {T}); {len(corpus.train):,} training and {corpus.meta['val_tokens']:,} validation tokens; "
+              f"{cfg.batch_size * T:,} tokens per step ({world} x {micro} x {accum} accumulation) on {device}"
+              + (f"; resuming at step {step}" if state else ""))
+
+    def validate():
+        if corpus.val is None or (history["val"] and history["val"][-1][0] == step):
+            return None
+        loss, bpb = evaluate(model, corpus.val, corpus.val_bytes, T, micro, device, rank, world, amp)
+        history["val"].append([step, loss, bpb])
+        log(rank, f"step {step}: validation loss {loss:.4f}, {bpb:.4f} bits per byte", bar)
+        return loss
+
+    def checkpoint():
+        if rank == 0:
+            save(out, model, optimizer, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus)
+
+    bar = tqdm(total=total, initial=step, unit="step", desc="pretrain", file=sys.stderr, dynamic_ncols=True,
+               disable=rank != 0 or not cfg.progress)
+    start, run_steps, train_time, calib_time = time.perf_counter(), 0, 0.0, 0.0
+    before = elapsed
+    while total is None or step < total:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total, cfg)
+        loss_sum = 0.0
+        for m in range(accum):
+            x, y = (t.to(device) for t in next(loader))
+            with ddp.no_sync() if ddp and m < accum - 1 else nullcontext(), amp():  # all-reduce once per step
+                loss = F.cross_entropy(train_model(x).float().flatten(0, 1), y.flatten())
+                (loss / accum).backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, run_steps = step + 1, run_steps + 1
+        history["train_loss"].append(on_all_ranks(loss_sum / accum, world, device, "mean"))
+        dt = time.perf_counter() - t0
+        train_time += dt
+        calib_time += dt if run_steps > 1 else 0.0  # the first step pays for warm-up and compilation
+        elapsed = before + time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", tok_s=f"{run_steps * cfg.batch_size * T / train_time:,.0f}",
+                        refresh=False)
+
+        if cfg.minutes and total is None and run_steps == CALIBRATE:
+            t_val = time.perf_counter()
+            validate()
+            val_s = time.perf_counter() - t_val
+            per_step = calib_time / (CALIBRATE - 1) + (val_s / cfg.eval_every if cfg.eval_every else 0.0)
+            total = step + max(1, int((cfg.minutes * 60 - elapsed - val_s) / per_step))
+            total = int(on_all_ranks(total, world, device))
+            bar.total = total
+            log(rank, f"{per_step * 1000:.0f} ms per step: {total} steps fit in {cfg.minutes:g} minutes", bar)
+        if cfg.minutes and on_all_ranks(elapsed > 1.1 * cfg.minutes * 60, world, device):
+            total = step  # over budget: end here, with the decay cut short
+        finished = total is not None and step >= total
+        if finished or (cfg.eval_every and step % cfg.eval_every == 0):
+            validate()
+        paused = not finished and cfg.stop_at and step >= cfg.stop_at
+        if finished or paused or (cfg.save_every and step % cfg.save_every == 0):
+            checkpoint()
+        if paused:
+            break
+    bar.close()
+    last_val = history["val"][-1] if history["val"] else [None] * 3
+    summary = {
+        "steps": step, "total_steps": total, "tokens": step * cfg.batch_size * T,
+        "train_loss": history["train_loss"][-1], "val_loss": last_val[1], "val_bpb": last_val[2],
+        "tokens_per_s": run_steps * cfg.batch_size * T / train_time,
+        "params": mcfg.num_params(), "flops_per_token": 6 * mcfg.num_params() + 12 * mcfg.n_layers * mcfg.dim * T,
+        "wall_s": elapsed, "device": str(device), "world_size": world,
+        "model_config": mcfg.to_dict(), "config": asdict(cfg),
+    }
+    if rank == 0:
+        atomic_write(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+        plot_losses(history["train_loss"], history["val"], out / "loss.png", "pretraining",
+                    f"last: {last_val[2]:.3f} bits per byte" if history["val"] else "")
+    return summary
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_or_train_tokenizer(cfg: PretrainConfig, data_dir: Path):
+    from llmos.tokenizer import Tokenizer
+    from llmos.train.tokenizer_train import save, train_bpe
+
+    if cfg.tokenizer:
+        return Tokenizer.from_hf_dir(cfg.tokenizer)
+    if not (data_dir / "tokenizer" / "tokenizer.json").is_file():
+        train, _ = D.split_documents(D.read_documents(cfg.data), cfg.val_fraction)
+        save(train_bpe(train, cfg.vocab_size), data_dir / "tokenizer")
+    return Tokenizer.from_hf_dir(data_dir / "tokenizer")
+
+
+def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
+    """The unfinished run in `out`, refused when it was started with another config."""
+    file = out / "trainer_state.pt"
+    if not file.is_file():
+        ours = (out / "data" / "meta.json").is_file()  # data is prepared before any checkpoint is written
+        if out.is_dir() and not ours and any(p.name != "data" and not p.name.startswith(".") for p in out.iterdir()):
+            raise LlmosError(f"{out}: exists and holds no pretraining run; pass a new or empty --out")
+        return None
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    now = asdict(cfg)
+    for key, was in state["config"].items():
+        if key not in RUN_CONTROL and now.get(key) != was:
+            raise LlmosError(f"{out}: holds a run with {key} = {was!r}, not {now.get(key)!r}; run its original "
+                             "command to resume it, or pass another --out for a new run")
+    return state
+
+
+def save(out, model, optimizer, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus) -> None:
+    """The model as a Hugging Face directory in `out`, then trainer_state.pt; each file replaced atomically."""
+    from llmos.formats import Checkpoint, hf
+
+    staging = out / ".checkpoint"
+    shutil.rmtree(staging, ignore_errors=True)
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    im_end = tok.hf.token_to_id("<|im_end|>")
+    eos = list(dict.fromkeys(list(tok.eos_ids) + ([im_end] if im_end is not None else [])))
+    try:
+        hf.write(Checkpoint(mcfg, weights, tok, {"format": "hf", "eos_token_ids": eos}), staging, dtype="f32")
+        for f in staging.iterdir():  # the config never changes within a run, so files may land one by one
+            os.replace(f, out / f.name)
+        staging.rmdir()
+    except OSError as e:
+        raise LlmosError(f"{out}: could not write the checkpoint ({e.strerror or e}); free disk space and run "
+                         "the same command again to resume from the previous checkpoint") from None
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    state = {"config": asdict(cfg), "model_config": mcfg.to_dict(), "model": weights,
+             "optimizer": optimizer.state_dict(), "step": step, "total_steps": total, "elapsed": elapsed,
+             "loader": loader.state_dict(), "rng": rng, "history": history, "corpus": corpus.meta}
+    atomic_write(out / "trainer_state.pt", lambda f: torch.save(state, f))
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def main(argv=None) -> int:
+    return run_main(pretrain, PretrainConfig, argv, "llmos train pretrain", __doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
