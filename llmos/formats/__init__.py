@@ -55,3 +55,19 @@ def read_checkpoint(path) -> Checkpoint:
     else:
         from llmos.formats import llama2c as module
     return module.read(path)
+
+
+WRITE_DTYPES = {"hf": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "bf16", "q8_0")}
+
+
+def write_checkpoint(ckpt: Checkpoint, out, to: str, dtype: str = "f32") -> None:
+    """Write `ckpt` as a Hugging Face directory (to="hf") or one GGUF file (to="gguf")."""
+    if to not in WRITE_DTYPES:
+        raise LlmosError(f"cannot write format {to!r}; use hf or gguf")
+    if dtype not in WRITE_DTYPES[to]:
+        raise LlmosError(f"{to} files cannot hold dtype {dtype!r}; use one of {', '.join(WRITE_DTYPES[to])}")
+    if to == "hf":
+        from llmos.formats import hf as module
+    else:
+        from llmos.formats import gguf as module
+    module.write(ckpt, out, dtype)

