@@ -391,7 +391,40 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, choices=["hf", "gguf"])
     s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="default: the source's float type; f32 for quantized sources")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="serve models over the OpenAI API at http://127.0.0.1:8000/v1")
+    s.add_argument("models", nargs="*", default=["default"], metavar="MODEL", help="model names or paths (default: the bundled SmolLM2)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --api-key)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("LLMOS_API_KEY"), help="require 'Authorization: Bearer KEY' (default $LLMOS_API_KEY)")
+    s.add_argument("--max-tokens", type=int, default=4096, help="most tokens one reply may ask for")
+    s.add_argument("--max-pending", type=int, default=8, help="requests running or queued before the server answers 503")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("train", help="train a tokenizer or a model: llmos train STAGE --help")
+    s.add_argument("stage", choices=sorted(TRAIN_STAGES))
+    s.add_argument("args", nargs=argparse.REMAINDER, help="the stage's options")
+    s.set_defaults(func=cmd_train)
     return p
+
+
+# Each training stage keeps its own options with its code (fields of its config dataclass).
+TRAIN_STAGES = {"tokenizer": "llmos.train.tokenizer_train", "pretrain": "llmos.train.pretrain"}
+
+
+def cmd_train(args) -> int:
+    import importlib
+
+    return importlib.import_module(TRAIN_STAGES[args.stage]).main(args.args)
+
+
+def cmd_serve(args) -> int:
+    from llmos.server.app import serve  # fastapi and uvicorn load only for this command
+
+    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+          max_tokens=args.max_tokens, max_pending=args.max_pending)
+    return 0
 
 
 def main(argv=None) -> int:
