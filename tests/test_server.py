@@ -114,8 +114,13 @@ def model(tok):
 
 
 @pytest.fixture(scope="module")
-def server(model, tok):
-    running = Running(create_app({"tiny": (model, tok, None)}, ServerConfig(max_tokens=250, max_body_bytes=64 * 1024)))
+def home(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("home"))  # the server's llmos.db, never the user's
+
+
+@pytest.fixture(scope="module")
+def server(model, tok, home):
+    running = Running(create_app({"tiny": (model, tok, None)}, ServerConfig(max_tokens=250, max_body_bytes=64 * 1024, home=home)))
     yield running
     running.stop()
 
@@ -126,9 +131,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def guarded(tok):
+def guarded(tok, home):
     """A slow model behind an API key, with room for one request at a time."""
-    app = create_app({"slow": (tiny_model(tok, SlowTransformer), tok, None)}, ServerConfig(api_key="sekret", max_pending=1))
+    app = create_app({"slow": (tiny_model(tok, SlowTransformer), tok, None)}, ServerConfig(api_key="sekret", max_pending=1, home=home))
     running = Running(app)
     yield running
     running.stop()

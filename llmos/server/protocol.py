@@ -41,6 +41,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "llmos"
     max_model_len: int | None = None  # extension, as vLLM: the context limit in tokens
+    parent: str | None = None  # extension, as vLLM: for an assistant, the model it runs on
 
 
 class ModelList(BaseModel):
@@ -266,3 +267,50 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+# ----------------------------------------------------------------------------
+# The chat page's own API under /api (llmos's, not OpenAI's). Answers are the store's rows
+# as JSON objects: conversations, messages (with vote, comment, correction), assistants.
+
+
+class ConversationFields(Strict):
+    title: str | None = Field(None, max_length=500)
+    model: str | None = None  # a model or an assistant
+    system_prompt: str | None = None
+
+
+class ChatTurn(Strict):
+    """POST /api/conversations/{id}/chat: settings given here are saved on the conversation."""
+
+    content: str | None = None  # the user's message; absent when regenerating
+    regenerate: bool = False  # replace the last reply (its vote and correction go with it)
+    model: str | None = None
+    system_prompt: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class Feedback(Strict):
+    vote: Literal["up", "down"] | None = None  # None with no comment: take the feedback back
+    comment: str = Field("", max_length=10_000)
+
+
+class Correction(Strict):
+    content: str  # the better answer; "" takes it back
+
+
+class AssistantFields(Strict):
+    name: str
+    description: str = ""
+    model: str | None = None  # None: the server's first model
+    system_prompt: str = ""
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)

@@ -4,6 +4,10 @@ Nothing here knows HTTP beyond status codes: routes.py hands in a parsed request
 `disconnected()` callable and gets back a pydantic response or an async iterator of
 server-sent-event lines.
 
+A `model` may also name an assistant (store.py): its model runs, with its system prompt first
+and its sampling defaults under the request's own values. The chat page's turns (`turn`) plan
+like a chat request and save the reply in the store while it streams.
+
 Concurrency, for now: each model has one worker thread (its engine lock), so one
 generation runs per model while the event loop stays free. A request is admitted only
 while fewer than `max_pending` are running or waiting, else it gets 503 at once. A job
@@ -25,9 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
-from llmos.engine import Engine, Piece, SamplingParams
+from llmos.engine import Engine, Piece, SamplingParams, fit_messages
 from llmos.errors import LlmosError
 from llmos.server import protocol as p
+from llmos.server.store import Store
 
 # ----------------------------------------------------------------------------
 # Settings and errors
@@ -42,6 +47,9 @@ class ServerConfig:
     max_tokens: int = 4096  # the most tokens one choice may ask for; also the default when a request gives none
     max_choices: int = 8  # n (times the number of prompts, for completions) per request
     max_pending: int = 8  # requests running or waiting; one more gets 503
+    rate_limit: float = 600  # requests a minute per API key (per client address without one); 0: no limit
+    rate_burst: int = 60  # requests a client may send at once before the rate applies
+    home: str | None = None  # where llmos.db lives; None: $LLMOS_HOME, else ~/.llmos
 
 
 def check_bind(host: str, api_key: str | None) -> None:
@@ -103,6 +111,15 @@ class ServedModel:
         return cls(name, engine, tokenizer, model.cfg.max_seq_len, defaults, worker)
 
 
+@dataclass
+class ChatPlan:
+    served: ServedModel
+    name: str  # what the response calls the model: the model's name, or the assistant's
+    prompt: list[int]
+    params: SamplingParams
+    dropped: int = 0  # the oldest messages left out to fit the context
+
+
 class Job:
     """One request's generation: its runs (one per choice) go one after another on the model's
     worker thread, and their pieces come back to the event loop as (choice index, Piece)."""
@@ -161,30 +178,61 @@ class Job:
 
 
 class Serving:
-    def __init__(self, models: dict, config: ServerConfig | None = None):
-        """models: name → (Transformer, Tokenizer, Checkpoint | None)."""
+    def __init__(self, models: dict, config: ServerConfig | None = None, store: Store | None = None):
+        """models: name → (Transformer, Tokenizer, Checkpoint | None); store: the SQLite file under config.home."""
         if not models:
             raise LlmosError("no models to serve; pass at least one model name")
         self.config = config or ServerConfig()
         self.models = {name: ServedModel.build(name, *entry) for name, entry in models.items()}
+        self.store = store or Store.open(self.config.home)
         self.pending = 0
         self._lock = threading.Lock()
 
     def close(self) -> None:
         for served in self.models.values():
             served.worker.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
     # --- models, health, admission ---
 
     def model(self, name: str | None) -> ServedModel:
+        return self.resolve(name)[0]
+
+    def resolve(self, name: str | None) -> tuple[ServedModel, dict | None]:
+        """A model name, or an assistant's name: its model, and the assistant."""
         if name is None:
-            return next(iter(self.models.values()))
-        if name not in self.models:
-            raise APIError(404, f"The model `{name}` does not exist; this server has {', '.join(self.models)}", param="model", code="model_not_found")
-        return self.models[name]
+            return next(iter(self.models.values())), None
+        if name in self.models:
+            return self.models[name], None
+        assistant = self.store.find_assistant(name)
+        if assistant is None:
+            names = ", ".join([*self.models, *(a["name"] for a in self.store.assistants())])
+            raise APIError(404, f"The model `{name}` does not exist; this server has {names}", param="model", code="model_not_found")
+        if assistant["model"] is not None and assistant["model"] not in self.models:
+            raise APIError(404, f"assistant `{name}` runs on model `{assistant['model']}`, which this server does not serve; "
+                                f"serve it or edit the assistant (models here: {', '.join(self.models)})", param="model", code="model_not_found")
+        return self.model(assistant["model"]), assistant
+
+    def card(self, name: str) -> p.ModelCard:
+        served, assistant = self.resolve(name)
+        if assistant is None:
+            return p.ModelCard(id=served.name, max_model_len=served.context)
+        return p.ModelCard(id=assistant["name"], created=int(assistant["created"]), parent=served.name, max_model_len=served.context)
 
     def list_models(self) -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=m.name, max_model_len=m.context) for m in self.models.values()])
+        cards = [p.ModelCard(id=m.name, max_model_len=m.context) for m in self.models.values()]
+        for a in self.store.assistants():
+            if a["name"] not in self.models:
+                try:
+                    cards.append(self.card(a["name"]))
+                except APIError:  # its model is not served here: not usable, so not listed
+                    pass
+        return p.ModelList(data=cards)
+
+    def save_assistant(self, fields: dict, name: str | None = None) -> dict:
+        if fields.get("name") in self.models:
+            raise APIError(400, f"`{fields['name']}` is the name of a model this server serves; give the assistant another name", param="name")
+        return self.store.save_assistant(fields, name)
 
     def health(self) -> dict:
         return {"status": "ok", "models": list(self.models), "pending": self.pending, "max_pending": self.config.max_pending}
@@ -211,7 +259,7 @@ class Serving:
     # --- request → sampling parameters ---
 
     def _params(self, req: p.SamplingFields, served: ServedModel, prompt_len: int, max_new: int | None,
-                logprobs: int | None, what: str) -> SamplingParams:
+                logprobs: int | None, what: str, default_max: int | None = None) -> SamplingParams:
         cap, room = self.config.max_tokens, served.context - prompt_len
         if max_new is not None and max_new > cap:
             raise APIError(400, f"max_tokens is {max_new} but this server allows at most {cap}; ask for fewer "
@@ -232,7 +280,7 @@ class Serving:
             return value if value is not None else served.defaults.get(name, fallback)
 
         params = SamplingParams(
-            max_new_tokens=max_new if max_new is not None else min(cap, room),
+            max_new_tokens=max_new if max_new is not None else min(cap, room, default_max or cap),
             temperature=pick("temperature", 1.0),  # OpenAI's defaults, unless the model's generation config says otherwise
             top_p=pick("top_p", 1.0),
             top_k=pick("top_k", 0),
@@ -267,19 +315,10 @@ class Serving:
     # --- /v1/chat/completions ---
 
     async def chat(self, req: p.ChatCompletionRequest, disconnected: Disconnected):
-        served = self.model(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise not_supported("response_format", f"response_format {req.response_format.type} (constrained decoding)")
-        if req.tool_choice == "required" or isinstance(req.tool_choice, p.NamedToolChoice):
-            raise not_supported("tool_choice", "forcing a tool call")
-        n = req.n or 1
-        if n > self.config.max_choices:
-            raise APIError(400, f"n is {n} but this server allows at most {self.config.max_choices}", param="n")
-        prompt = self._chat_prompt(served, req)
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._params(req, served, len(prompt), req.max_completion_tokens or req.max_tokens, top, "messages")
-        job = self._start(served, self._runs(served, [prompt], params, n))
-        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served.name)
+        plan = self._plan_chat(req)
+        served, prompt, n, top = plan.served, plan.prompt, req.n or 1, plan.params.logprobs
+        job = self._start(served, self._runs(served, [prompt], plan.params, n))
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=plan.name)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._chat_stream(served, job, disconnected, head, n, len(prompt), include_usage)
@@ -294,7 +333,29 @@ class Serving:
             usage=usage(len(prompt), choices),
         )
 
-    def _chat_prompt(self, served: ServedModel, req: p.ChatCompletionRequest) -> list[int]:
+    def _plan_chat(self, req: p.ChatCompletionRequest, fit: bool = False) -> ChatPlan:
+        """Everything checked before anything runs: the model (or assistant), the prompt's ids, the
+        sampling. fit: leave out the oldest turns that do not fit the context (the page's turns)."""
+        served, assistant = self.resolve(req.model)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise not_supported("response_format", f"response_format {req.response_format.type} (constrained decoding)")
+        if req.tool_choice == "required" or isinstance(req.tool_choice, p.NamedToolChoice):
+            raise not_supported("tool_choice", "forcing a tool call")
+        n = req.n or 1
+        if n > self.config.max_choices:
+            raise APIError(400, f"n is {n} but this server allows at most {self.config.max_choices}", param="n")
+        req = with_assistant(req, assistant)
+        max_new = req.max_completion_tokens or req.max_tokens
+        default_max = assistant["max_tokens"] if assistant else None
+        reserve = min(max_new or default_max or served.context // 4, served.context // 2) if fit else None
+        prompt, dropped = self._chat_prompt(served, req, reserve)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, served, len(prompt), max_new, top, "messages", default_max)
+        return ChatPlan(served, assistant["name"] if assistant else served.name, prompt, params, dropped)
+
+    def _chat_prompt(self, served: ServedModel, req: p.ChatCompletionRequest, reserve: int | None = None) -> tuple[list[int], int]:
+        """The prompt's token ids, and how many old messages were left out: none, unless `reserve`
+        is given, when the oldest turns go until the prompt and `reserve` tokens fit the context."""
         check_order(req.messages)
         messages = []
         for m in req.messages:
@@ -307,8 +368,14 @@ class Serving:
                 d["tool_call_id"] = m.tool_call_id
             messages.append(d)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        dropped = 0
+        if reserve is not None and not tools:
+            try:
+                messages, dropped = fit_messages(served.tokenizer, messages, served.context, reserve)
+            except LlmosError:  # too long even with the oldest turns gone: _params answers with the counts
+                pass
         try:
-            return served.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+            return served.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools), dropped
         except LlmosError as e:  # the template's own raise_exception(), e.g. "roles must alternate"
             raise APIError(400, str(e), param="messages") from None
 
@@ -345,6 +412,76 @@ class Serving:
                            top_logprobs=[p.TopLogprob(token=a.text, logprob=a.logprob, bytes=utf8(a.text)) for a in top or []])
             for t, lp, top in tokens
         ])
+
+    # --- the chat page: turns that persist as they stream ---
+
+    async def turn(self, conversation_id: int, body: p.ChatTurn, disconnected: Disconnected):
+        """One turn of a stored conversation: the user's message (or, regenerating, none) in, the
+        reply streamed out as events and saved as it grows. The reply's row exists from the
+        start, marked partial, and is rewritten at most every SAVE_EVERY seconds: a server
+        killed mid-reply leaves the text so far, still marked partial."""
+        store = self.store
+        conv = store.conversation(conversation_id)
+        history = store.messages(conversation_id)
+        if body.regenerate:
+            replaced = history.pop() if history and history[-1]["role"] == "assistant" else None
+            if not history:
+                raise APIError(400, "nothing to regenerate: the conversation has no message yet", param="regenerate")
+        elif not body.content:
+            raise APIError(400, "content is required: the user's message (or send regenerate: true)", param="content")
+        model = body.model if body.model is not None else conv["model"]
+        system = body.system_prompt if body.system_prompt is not None else conv["system_prompt"]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": m["role"], "content": m["content"]} for m in history]
+        if not body.regenerate:
+            messages.append({"role": "user", "content": body.content})
+        req = p.ChatCompletionRequest(model=model, messages=messages, temperature=body.temperature, top_p=body.top_p,
+                                      max_tokens=body.max_tokens)
+        plan = self._plan_chat(req, fit=True)  # every check before the first write
+        job = self._start(plan.served, self._runs(plan.served, [plan.prompt], plan.params, 1))
+        try:
+            user = None
+            if body.regenerate:
+                if replaced:
+                    store.delete_message(replaced["id"])
+            else:
+                user = store.add_message(conversation_id, "user", body.content, prompt_tokens=len(plan.prompt))
+            title = conv["title"] or title_of(history[0]["content"] if history else body.content)
+            conv = store.update_conversation(conversation_id, title=title, model=model, system_prompt=system)
+            reply = store.add_message(conversation_id, "assistant", "", model=plan.name, prompt_tokens=len(plan.prompt), partial=True)
+        except BaseException:
+            job.cancelled.set()
+            raise
+        start = {"type": "start", "conversation": conv, "user": user, "assistant": reply, "dropped": plan.dropped}
+        return self._turn_stream(job, disconnected, start)
+
+    async def _turn_stream(self, job: Job, disconnected: Disconnected, start: dict):
+        """Events: start (the rows, and how many old messages did not fit the prompt), delta (text),
+        error, end (the reply's final row)."""
+        reply_id, parts, tokens, finish, saved = start["assistant"]["id"], [], 0, None, time.monotonic()
+        yield sse(start)
+        try:
+            async for _, piece in job.pieces(disconnected):
+                parts.append(piece.text)
+                tokens += piece.token_id is not None
+                finish = piece.finish_reason or finish
+                if piece.text:
+                    yield sse({"type": "delta", "content": piece.text})
+                if time.monotonic() - saved > SAVE_EVERY:
+                    self.store.update_message(reply_id, "".join(parts), tokens, partial=True)
+                    saved = time.monotonic()
+        except Exception as e:
+            yield sse({"type": "error", **error_body(e)})
+        finally:  # also when the client leaves: the reply so far stays, marked partial
+            self.store.update_message(reply_id, "".join(parts), tokens, partial=finish is None, finish_reason=finish)
+        yield sse({"type": "end", "message": self.store.message(reply_id)})
+
+    def tokenize(self, req: p.TokenizeRequest) -> dict:
+        """How many tokens a chat's prompt takes, against the model's context: the page's counter."""
+        served, assistant = self.resolve(req.model)
+        chat = with_assistant(p.ChatCompletionRequest(model=req.model, messages=req.messages), assistant)
+        return {"model": assistant["name"] if assistant else served.name, "tokens": len(self._chat_prompt(served, chat)[0]),
+                "context": served.context}
 
     # --- /v1/completions ---
 
@@ -418,6 +555,24 @@ class Serving:
 
 # ----------------------------------------------------------------------------
 # Helpers
+
+SAVE_EVERY = 0.5  # seconds between saves of a streaming reply
+
+
+def with_assistant(req: p.ChatCompletionRequest, assistant: dict | None) -> p.ChatCompletionRequest:
+    """The request with the assistant's system prompt first (unless the request brings its own)
+    and its sampling defaults where the request gives none."""
+    if assistant is None:
+        return req
+    update = {k: assistant[k] for k in ("temperature", "top_p") if getattr(req, k) is None and assistant[k] is not None}
+    if assistant["system_prompt"] and req.messages[0].role not in ("system", "developer"):
+        update["messages"] = [p.ChatMessage(role="system", content=assistant["system_prompt"]), *req.messages]
+    return req.model_copy(update=update)
+
+
+def title_of(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 60 else line[:59].rstrip() + "…"
 
 
 class Choice:
