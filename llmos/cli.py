@@ -8,7 +8,8 @@
     llmos export MODEL --to hf|gguf OUT [--dtype f32|f16|bf16|q8_0]
 
 MODEL comes before PROMPT, as in Ollama: `llmos run "hello"` names a model called "hello";
-`llmos run default "hello"` asks the default model. Model names are explained in llmos/registry.py.
+`llmos run default "hello"` asks the default model. Model names are explained in llmos/registry.py,
+the interactive chat and its /commands in llmos/chat_cli.py.
 Every problem a user can cause prints one line, `error: ...`, and exits with code 2 (130 on Ctrl-C).
 """
 
@@ -82,24 +83,35 @@ def load(name: str, device: str = "cpu"):
     return model, tok, ckpt
 
 
-def read_meta(name: str):
+def read_meta(name: str, weights: bool = False):
+    """The checkpoint of a model name; without its tensors unless weights=True."""
     from llmos import registry
     from llmos.formats import read_checkpoint
 
     path = registry.resolve(name)
     with status(f"reading {path.name}"):
-        return read_checkpoint(path)
+        return read_checkpoint(path, weights=weights)
+
+
+@contextmanager
+def gc_paused():
+    """Importing torch and reading a checkpoint make a million objects that live until exit: collections
+    meanwhile walk them again and again for nothing (0.4 s of CPU in a 5 s start)."""
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # ----------------------------------------------------------------------------
-# run: one answer, or an interactive chat
+# run: one answer, or an interactive chat (llmos/chat_cli.py)
 
-CHAT_HELP = """Available commands:
-  /system TEXT   set the system message (and keep the conversation)
-  /clear         forget the conversation (keeps the system message)
-  /bye           exit (Ctrl-D works too)
-  /help, /?      this help
-Ctrl-C stops an answer."""
+FLAGS = {"max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k"}
 
 
 def sampling(args):
@@ -107,20 +119,26 @@ def sampling(args):
 
     given = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
-    params.validate()
+    try:
+        params.validate()
+    except LlmosError as e:  # "top_p must be in (0, 1], got 1.5": name the flag the user typed
+        name, _, rest = str(e).partition(" ")
+        raise LlmosError(f"{FLAGS.get(name, name)} {rest}") from None
     return params, {k for k, v in given.items() if v is not None}
 
 
 def cmd_run(args) -> int:
-    from llmos.engine import Engine
+    with gc_paused():
+        from llmos.chat_cli import answer, chat
+        from llmos.engine import Engine
 
-    params, given = sampling(args)  # bad flags fail before a model is loaded
-    try:
-        model, tok, ckpt = load(args.model, args.device)
-    except LlmosError as e:
-        if args.prompt is None and str(e).startswith("unknown model"):
-            raise LlmosError(f"{e} (MODEL comes first: to ask the default model, run `llmos run default {shlex.quote(args.model)}`)") from None
-        raise
+        params, given = sampling(args)  # bad flags fail before a model is loaded
+        try:
+            model, tok, ckpt = load(args.model, args.device)
+        except LlmosError as e:
+            if args.prompt is None and str(e).startswith("unknown model"):
+                raise LlmosError(f"{e} (MODEL comes first: to ask the default model, run `llmos run default {shlex.quote(args.model)}`)") from None
+            raise
     # The model's own sampling defaults (generation_config.json) apply unless a flag overrides them.
     generation = ckpt.meta.get("generation") or {}
     for key, value in generation.items():
@@ -141,93 +159,8 @@ def cmd_run(args) -> int:
     if prompt is not None:
         answer(engine, tok, messages + [{"role": "user", "content": prompt}], params)
         return 0
-    chat(engine, tok, messages, params)
+    chat(engine, tok, messages, params, ckpt, args.model)
     return 0
-
-
-def answer(engine, tok, messages, params) -> str:
-    """Stream one reply to stdout; plain completion of the last message when the model has no chat template."""
-    if tok.chat_template is None:
-        stream = engine.stream(tok.encode(messages[-1]["content"]), params)
-    else:
-        stream = engine.chat(messages, params, stream=True)
-        if stream.notice:
-            say(f"note: {stream.notice}")
-    out = []
-    for piece in stream:
-        sys.stdout.write(piece.text)
-        sys.stdout.flush()
-        out.append(piece.text)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    return "".join(out)
-
-
-def chat(engine, tok, messages: list[dict], params) -> None:
-    history = setup_readline()
-    say("Chatting; /help for commands, /bye or Ctrl-D to quit.")
-    try:
-        while True:
-            try:
-                line = input(">>> ").strip()
-            except EOFError:
-                print()
-                return
-            except KeyboardInterrupt:
-                print("\nUse Ctrl-D or /bye to exit.")
-                continue
-            if not line:
-                continue
-            if line.startswith("/"):
-                cmd, _, rest = line.partition(" ")
-                if cmd in ("/bye", "/exit", "/quit"):
-                    return
-                if cmd == "/clear":
-                    messages[:] = [m for m in messages if m["role"] == "system"]
-                    print("Cleared the conversation.")
-                elif cmd == "/system":
-                    messages[:] = [{"role": "system", "content": rest.strip()}] * bool(rest.strip()) + [m for m in messages if m["role"] != "system"]
-                    print("Set the system message." if rest.strip() else "Removed the system message.")
-                elif cmd in ("/help", "/?"):
-                    print(CHAT_HELP)
-                else:
-                    print(f"Unknown command {cmd!r}; /help lists them.")
-                continue
-            messages.append({"role": "user", "content": line})
-            try:
-                reply = answer(engine, tok, messages, params)
-            except KeyboardInterrupt:
-                print()
-                messages.pop()  # an interrupted answer is forgotten with its question
-                continue
-            messages.append({"role": "assistant", "content": reply})
-    finally:
-        if history:
-            save_history(history)
-
-
-def setup_readline() -> Path | None:
-    try:
-        import readline
-    except ImportError:  # Windows without pyreadline: plain input() still works
-        return None
-    path = llmos_home() / "history"
-    try:
-        readline.read_history_file(path)
-    except OSError:
-        pass
-    return path
-
-
-def save_history(path: Path) -> None:
-    import readline
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        readline.set_history_length(1000)
-        readline.write_history_file(path)
-    except OSError:
-        pass  # a read-only home should not turn a finished chat into an error
 
 
 # ----------------------------------------------------------------------------
@@ -258,13 +191,20 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     ckpt = read_meta(args.model)
+    tok = ckpt.tokenizer
+    if args.template:
+        if tok is None or tok.chat_template is None:
+            raise LlmosError(f"{ckpt.meta.get('path')}: the model has no chat template")
+        print(tok.chat_template)
+        return 0
+    print("\n".join(model_info(ckpt, args.model)))
+    return 0
+
+
+def model_info(ckpt, name: str) -> list[str]:
+    """What `llmos show` (and /show in a chat) prints: the model, its tokenizer, chat template and license."""
     cfg, meta, tok = ckpt.config, ckpt.meta, ckpt.tokenizer
     template = tok.chat_template if tok is not None else None
-    if args.template:
-        if template is None:
-            raise LlmosError(f"{meta.get('path')}: the model has no chat template")
-        print(template)
-        return 0
     types = ", ".join(f"{t} ×{n}" for t, n in sorted(meta.get("tensor_types", {}).items(), key=lambda kv: -kv[1]))
     model_rows = [
         ("name", meta.get("name")),
@@ -283,32 +223,26 @@ def cmd_show(args) -> int:
         ("file", meta.get("path")),
         ("file size", human_bytes(meta["file_size"]) if "file_size" in meta else None),
     ]
-    print("  Model")
-    for key, value in model_rows:
-        if value is not None:
-            print(f"    {key:<22}{value}")
+    out = ["  Model"] + [f"    {key:<22}{value}" for key, value in model_rows if value is not None]
     if tok is not None:
         stops = [tok.piece(i) for i in (meta.get("eos_token_ids") or tok.eos_ids or [])]
-        print("\n  Tokenizer")
-        print(f"    {'stop tokens':<22}{', '.join(json.dumps(s) for s in stops) or 'none'}")
-        print(f"    {'adds BOS':<22}{'yes' if tok.add_bos else 'no'}")
-    print("\n  Chat template")
+        out += ["", "  Tokenizer", f"    {'stop tokens':<22}{', '.join(json.dumps(s) for s in stops) or 'none'}",
+                f"    {'adds BOS':<22}{'yes' if tok.add_bos else 'no'}"]
+    out += ["", "  Chat template"]
     if template is None:
-        print("    none (plain completion)")
+        out.append("    none (plain completion)")
     else:
         lines = template.strip().splitlines()
-        print(f"    {lines[0][:100]}{' ...' if len(lines) > 1 or len(lines[0]) > 100 else ''}")
-        print(f"    ({len(template)} characters; `llmos show {args.model or 'default'} --template` prints it all)")
-    print("\n  License")
-    print(f"    {meta.get('license') or 'unknown'}")
-    return 0
+        out += [f"    {lines[0][:100]}{' ...' if len(lines) > 1 or len(lines[0]) > 100 else ''}",
+                f"    ({len(template)} characters; `llmos show {name or 'default'} --template` prints it all)"]
+    return out + ["", "  License", f"    {meta.get('license') or 'unknown'}"]
 
 
 def cmd_tokenize(args) -> int:
     text = args.text if args.text is not None else sys.stdin.read()
     tok = read_meta(args.model).tokenizer
     if tok is None:
-        raise LlmosError(f"{args.model}: the model has no tokenizer")
+        raise LlmosError(f"{args.model}: the model has no tokenizer; put tokenizer.json (or tokenizer.bin for llama2.c) beside it")
     ids = tok.encode(text, add_bos=False if args.no_bos else None)
     pieces = [tok.piece(i) for i in ids]
     if args.json:
@@ -334,9 +268,10 @@ def source_float(tensor_types: dict) -> str:
 
 
 def cmd_export(args) -> int:
-    from llmos.formats import write_checkpoint
+    from llmos.formats import check_write, write_checkpoint
 
-    ckpt = read_meta(args.model)
+    check_write(args.out, args.to, args.dtype)  # before the model is read: that takes seconds
+    ckpt = read_meta(args.model, weights=True)
     dtype = args.dtype or source_float(ckpt.meta.get("tensor_types", {}))
     out = Path(args.out)
     with status(f"writing {out} ({args.to}, {dtype})", after=0.0):
@@ -350,8 +285,16 @@ def cmd_export(args) -> int:
 # Command line and error handling
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with llmos's errors: one line and exit code 2, not the usage block before the message."""
+
+    def error(self, message):
+        fail(f"{message} (`{self.prog} --help` lists the options)")
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmos", description="Run, inspect and convert Llama-family language models.")
+    p = Parser(prog="llmos", description="Run, inspect and convert Llama-family language models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="chat with a model, or answer one PROMPT (also read from piped stdin)")
@@ -428,7 +371,10 @@ def cmd_serve(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag that Parser.error has reported
+        return e.code if isinstance(e.code, int) else 0
     try:
         return args.func(args) or 0
     except LlmosError as e:

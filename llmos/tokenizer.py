@@ -19,6 +19,7 @@ gets ChatML (CHATML_TEMPLATE).
 
 import functools
 import json
+import logging
 import re
 import struct
 from datetime import datetime
@@ -30,6 +31,8 @@ from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
 from llmos.errors import LlmosError
+
+log = logging.getLogger(__name__)
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -63,6 +66,9 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# Names llama.cpp recognizes as end of turn (src/llama-vocab.cpp, where it looks for the EOT token by text).
+END_OF_TURN = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>"}
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -331,8 +337,9 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
-    def to_gguf_fields(self) -> dict:
-        """The tokenizer.ggml.* keys llama.cpp reads, plus tokenizer.chat_template."""
+    def to_gguf_fields(self, eos_ids=()) -> dict:
+        """The tokenizer.ggml.* keys llama.cpp reads, plus tokenizer.chat_template. `eos_ids`: more ids that end
+        generation (a model's generation_config), written with the tokenizer's own as eos, eot and eom."""
         if self.kind == "other":
             raise LlmosError(f"a {type(self.hf.model).__name__} tokenizer cannot be written to GGUF; llmos writes "
                              "byte-level BPE and SentencePiece BPE vocabularies")
@@ -341,7 +348,9 @@ class Tokenizer:
             tokens[i], types[i] = token, BYTE if self.kind == "spm" and _BYTE_TOKEN.fullmatch(token) else NORMAL
         for i, added in self.hf.get_added_tokens_decoder().items():
             tokens[i], types[i] = added.content, CONTROL if added.special else USER_DEFINED
-        if self.unk_id is not None:
+        # Only SentencePiece's own unknown piece is UNKNOWN; an unk that is a special token (SmolLM2's
+        # <|endoftext|>) stays CONTROL, as llama.cpp's converter writes it.
+        if self.kind == "spm" and self.unk_id is not None and tokens[self.unk_id] == self.hf.model.unk_token:
             types[self.unk_id] = UNKNOWN
         fields = {"tokenizer.ggml.model": "llama" if self.kind == "spm" else "gpt2", "tokenizer.ggml.tokens": tokens,
                   "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_bos_token": self.add_bos,
@@ -357,12 +366,28 @@ class Tokenizer:
         else:
             fields["tokenizer.ggml.pre"] = _pre_name(_spec(self.hf.pre_tokenizer))
             fields["tokenizer.ggml.merges"] = merges
-        for key, id in [("bos", self.bos_id), ("eos", self.eos_id), ("padding", self.pad_id), ("unknown", self.unk_id)]:
+        ends = list(dict.fromkeys([*self.eos_ids, *eos_ids]))
+        eot, eom = self._end_of_turn(ends[1:])
+        ids = {"bos": self.bos_id, "eos": ends[0] if ends else None, "eot": eot, "eom": eom, "padding": self.pad_id,
+               "unknown": self.unk_id}
+        for key, id in ids.items():
             if id is not None:
                 fields[f"tokenizer.ggml.{key}_token_id"] = id
         if self.chat_template:
             fields["tokenizer.chat_template"] = self.chat_template
         return fields
+
+    def _end_of_turn(self, extra: list[int]) -> tuple[int | None, int | None]:
+        """GGUF holds one eos id plus an eot and an eom id, so the other end ids travel as those two: <|eom_id|>
+        as eom, and as eot an end-of-turn token by name (<|eot_id|>, <|im_end|>, ...) or else the first other
+        one -- what llama.cpp's converters do with a generation_config eos list (conversion/laguna.py)."""
+        eom = next((i for i in extra if self._text(i) == "<|eom_id|>"), None)
+        extra = [i for i in extra if i != eom]
+        eot = next((i for i in extra if self._text(i) in END_OF_TURN), extra[0] if extra else None)
+        if len(extra) > 1:
+            log.warning("GGUF keeps eos, eot and eom ids only; end tokens %s are not written",
+                        [i for i in extra if i != eot])
+        return eot, eom
 
 
 def _scores_from_merges(tokens: list[str], merges: list[str]) -> list[float]:

@@ -9,10 +9,13 @@ import builtins
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,7 +103,16 @@ def broken_files(tmp_path_factory, tiny):
     cut_tensors.write_bytes(data[: len(data) * 3 // 4])
     cut_header = tmp_path / "cut-header.gguf"
     cut_header.write_bytes(data[:100])
-    return {"corrupt": corrupt, "cut_tensors": cut_tensors, "cut_header": cut_header}
+    gpt2 = tmp_path / "gpt2.gguf"  # a real GGUF of an architecture llmos does not run
+    w = gguf.GGUFWriter(gpt2, "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    mismatch = tmp_path / "mismatch"  # config.json says 128 wide feed-forward, the weights are 64
+    shutil.copytree(tiny[0], mismatch)
+    config = json.loads((mismatch / "config.json").read_text())
+    (mismatch / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    return {"corrupt": corrupt, "cut_tensors": cut_tensors, "cut_header": cut_header, "gpt2": gpt2, "mismatch": mismatch}
 
 
 @pytest.mark.parametrize("argv, expect", [
@@ -109,26 +121,40 @@ def broken_files(tmp_path_factory, tiny):
     (["show", "{corrupt}"], "not a GGUF file"),
     (["run", "{cut_tensors}", "hi"], "cut-tensors.gguf"),
     (["tokenize", "{cut_header}", "hi"], "cut-header.gguf"),
-    (["run", "{tiny}", "hi", "--temperature", "-1"], "temperature"),
-    (["run", "{tiny}", "hi", "--top-p", "1.5"], "top_p"),
-    (["run", "{tiny}", "hi", "--max-tokens", "0"], "max_new_tokens"),
+    (["run", "{tiny}", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["run", "{tiny}", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["run", "{tiny}", "hi", "--max-tokens", "0"], "--max-tokens must be an integer >= 1, got 0"),
     (["run", "no-such-model", "hi"], "llmos list"),
     (["run", "what is the capital of France?"], "llmos run default"),
     (["show", "org/absent"], "llmos pull org/absent"),
     (["export", "{tiny}", "{tmp}/afile/out", "--to", "hf"], "afile"),
     (["export", "{tiny}", "{tmp}/x.gguf", "--to", "gguf", "--dtype", "q8_0"], None),  # fine: q8_0 GGUF
     (["export", "{tiny}", "{tmp}/x", "--to", "hf", "--dtype", "q8_0"], "q8_0"),
+    # what users try
+    (["run", "{tmp}", "hi"], "directory has no config.json"),
+    (["run", "{tiny}/model.safetensors", "hi"], "pass the directory that holds it"),
+    (["show", "{tiny}/config.json"], "pass the directory that holds it"),
+    (["run", "{gpt2}", "hi"], "architecture 'gpt2' is not supported"),
+    (["show", "{mismatch}"], "the config does not match the weights"),
+    (["export", "{tiny}", "{tmp}/missing/out.gguf", "--to", "gguf"], "missing does not exist"),
+    (["export", "{tiny}", "{tmp}/missing/out", "--to", "hf"], "missing does not exist"),
+    (["run", "{tiny}", "{long}", "--max-tokens", "5"], "context limit is 256"),
+    (["run", "{tiny}", "hi", "--max-tokens", "-5"], "--max-tokens must be an integer >= 1, got -5"),
+    (["export", "{cut_tensors}", "{tmp}/missing/out.gguf", "--to", "gguf"], "missing does not exist"),  # before reading
+    (["run", "{tiny}", "hi", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["export", "{tiny}", "out"], "required: --to"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_errors_are_one_line(capsys, tmp_path, tiny, broken_files, monkeypatch, argv, expect):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "afile").write_text("a file, not a directory")
-    names = {"tmp": tmp_path, "tiny": tiny[0], **broken_files}
+    names = {"tmp": tmp_path, "tiny": tiny[0], "long": "word " * 400, **broken_files}
     code, out, err = run_cli(capsys, *[a.format(**names) for a in argv])
     if expect is None:
         assert code == 0, err
         return
     assert code == 2 and out == ""
-    assert expect in one_error_line(err, progress=argv[0] == "export")
+    assert expect in one_error_line(err, progress=argv[0] in ("export", "run"))  # run: "loading..." when slow
 
 
 def test_cuda_without_cuda_is_an_error(capsys, tiny):
@@ -244,6 +270,41 @@ def test_interactive_chat(capsys, tiny, tmp_path, monkeypatch):
     assert (tmp_path / "home" / "history").exists()
 
 
+def test_chat_commands(capsys, tiny, tmp_path, monkeypatch):
+    """Ollama's /set parameter, /set system, /show and \"\"\" multi-line input; a refused message keeps the chat going."""
+    from llmos.engine import Engine
+
+    seen = []
+    real_chat = Engine.chat
+
+    def spy(self, messages, params, stream=False):
+        seen.append(([dict(m) for m in messages], (params.temperature, params.top_k, params.max_new_tokens, params.seed)))
+        return real_chat(self, messages, params, stream=stream)
+
+    lines = iter([
+        "/set parameter temperature 0.3", "/set top_k 5", "/set num_predict 3", "/set seed 11",
+        "/set temperature -1", "/set top_k x", "/set bogus 1",  # refused: the values above stay
+        "/set system Be brief.", '"""first line', "  second line", 'last"""',
+        "hello world " * 200,  # longer than the 256-token context: an error line, and the chat goes on
+        "/show parameters", "/show", "/show system", "/show template", "/show license", "hi", "/bye",
+    ])
+    monkeypatch.setattr(Engine, "chat", spy)
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
+    code, out, err = run_cli(capsys, "run", tiny[0], "--temperature", "0", "--max-tokens", "8")
+    assert code == 0, err
+    assert "Set parameter 'temperature' to '0.3'" in out and "Set parameter 'max_new_tokens' to '3'" in out
+    assert "temperature must be >= 0" in out and "top_k must be an integer, got 'x'" in out and "Usage: /set" in out
+    (first, params), (long, _), (last, _) = seen
+    assert params == (0.3, 5, 3, 11)
+    assert first == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first line\n  second line\nlast"}]
+    assert "context limit is 256" in one_error_line(err, progress=True)
+    assert [m["content"] for m in last if m["role"] == "user"] == ["first line\n  second line\nlast", "hi"]
+    assert "  temperature         0.3" in out and "embedding length      32" in out and "Be brief." in out
+    assert CHATML in out and "unknown" in out  # /show template and /show license
+
+
 def test_show(capsys, tiny):
     path, model = tiny
     code, out, _ = run_cli(capsys, "show", path)
@@ -286,6 +347,35 @@ def test_export_round_trip(capsys, tiny, tmp_path):
     ref = HFTokenizer.from_file(str(path / "tokenizer.json")).encode("the lazy dog", add_special_tokens=False).ids
     assert json.loads(run_cli(capsys, "tokenize", tmp_path / "q", "the lazy dog", "--json")[1])["ids"] == ref
     assert run_cli(capsys, "show", tmp_path / "q", "--template")[1] == CHATML + "\n"
+
+
+def test_show_and_tokenize_read_no_tensors(capsys, tiny, tmp_path, monkeypatch):
+    """show and tokenize need the config and tokenizer only: nothing is dequantized (export still is)."""
+    from llmos.formats import gguf as G
+
+    write_checkpoint(read_checkpoint(tiny[0]), tmp_path / "m.gguf", "gguf", "q8_0")
+    real, calls = G.dequantize, []
+    monkeypatch.setattr(G, "dequantize", lambda t, path: calls.append(t.name) or real(t, path))
+    assert run_cli(capsys, "show", tmp_path / "m.gguf")[0] == 0
+    assert run_cli(capsys, "tokenize", tmp_path / "m.gguf", "hello world")[0] == 0
+    assert calls == []
+    assert run_cli(capsys, "export", tmp_path / "m.gguf", tmp_path / "back", "--to", "hf")[0] == 0
+    assert len(calls) == len(read_checkpoint(tiny[0]).state_dict)
+
+
+def test_export_keeps_the_license(capsys, tiny, tmp_path):
+    """GGUF general.license → the HF model card's front matter → GGUF again."""
+    from huggingface_hub import metadata_load
+
+    ckpt = read_checkpoint(tiny[0])
+    ckpt.meta |= {"license": "apache-2.0", "name": "Tiny Chat"}
+    write_checkpoint(ckpt, tmp_path / "m.gguf", "gguf", "f32")
+    assert run_cli(capsys, "export", tmp_path / "m.gguf", tmp_path / "hf", "--to", "hf")[0] == 0
+    assert metadata_load(tmp_path / "hf" / "README.md")["license"] == "apache-2.0"
+    assert "# Tiny Chat" in (tmp_path / "hf" / "README.md").read_text()
+    assert run_cli(capsys, "show", tmp_path / "hf")[1].strip().endswith("License\n    apache-2.0")
+    assert run_cli(capsys, "export", tmp_path / "hf", tmp_path / "back.gguf", "--to", "gguf")[0] == 0
+    assert gguf.GGUFReader(tmp_path / "back.gguf").fields["general.license"].contents() == "apache-2.0"
 
 
 def test_default_export_dtype():

@@ -327,7 +327,8 @@ def test_written_file_has_llama_cpp_types_and_tokenizer(tmp_path, smol_fields):
     assert len(common) > 25
     for k in sorted(common):
         assert ours.fields[k].types == reader.fields[k].types, k
-    for k in ("tokens", "merges", "bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token"):
+    for k in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id",
+              "add_bos_token"):
         assert our_fields[f"tokenizer.ggml.{k}"] == fields[f"tokenizer.ggml.{k}"], k
     assert our_fields["tokenizer.chat_template"] == fields["tokenizer.chat_template"]
     back = G.read(tmp_path / "m.gguf")

@@ -233,6 +233,97 @@ def test_tokenizer_round_trip(tmp_path):
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
+def test_read_without_weights(tmp_path, layout, monkeypatch):
+    """weights=False: the same config and meta as a full read, an empty state dict, no tensor data read."""
+    model = make_hf(**CASES["qwen2-gqa-untied"]).to(torch.bfloat16)
+    if layout == "bin":
+        model.config.save_pretrained(tmp_path)
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    else:
+        model.save_pretrained(tmp_path, max_shard_size="20KB" if layout == "sharded" else "5GB")
+    full = hf.read(tmp_path)
+    if layout != "bin":  # safetensors headers only: reading a tensor's data would fail
+        monkeypatch.setattr(hf, "safe_open", no_get_tensor(hf.safe_open))
+    light = hf.read(tmp_path, weights=False)
+    assert light.state_dict == {} and light.config == full.config and light.meta == full.meta
+    assert light.meta["tensor_types"] == {"bf16": len(full.state_dict)}
+    edit_config(tmp_path, intermediate_size=64)  # and the shapes are still checked against the config
+    with pytest.raises(LlmosError, match="does not match"):
+        hf.read(tmp_path, weights=False)
+
+
+def no_get_tensor(real_safe_open):
+    class SafeOpen:
+        def __init__(self, *args, **kw):
+            self.f = real_safe_open(*args, **kw)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_slice(self, name):
+            return self.f.get_slice(name)
+
+        def get_tensor(self, name):
+            raise AssertionError(f"read the data of {name}")
+
+    return SafeOpen
+
+
+def test_expected_shapes_without_building_a_model(tmp_path, monkeypatch):
+    """The shapes formats check files against are the model's own, and reading builds no model (on the meta
+    device its first use imports torch._dynamo: seconds)."""
+    from llmos.formats import expected_shapes
+    from llmos.model import Config
+
+    for kw in (dict(tie_embeddings=True), dict(qkv_bias=True, n_kv_heads=1), dict(head_dim=16)):
+        cfg = Config(**dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64) | kw)
+        assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    make_hf(**CASES["qwen2-gqa-untied"]).save_pretrained(tmp_path)
+    monkeypatch.setattr(Transformer, "__init__", lambda *a, **kw: pytest.fail("built a Transformer"))
+    assert len(hf.read(tmp_path).state_dict) == 3 + 2 * 12  # embed, norm, head; 9 weights and 3 biases a layer
+
+
+def test_model_card_keeps_the_license(tmp_path):
+    """The license travels in the card's front matter, as the Hub writes and reads it (huggingface_hub parses it)."""
+    from huggingface_hub import metadata_load
+
+    model = make_hf(**CASES["llama-untied"])
+    model.save_pretrained(tmp_path / "src")
+    ckpt = hf.read(tmp_path / "src")
+    assert "license" not in ckpt.meta
+    hf.write(ckpt, tmp_path / "plain", "f32")  # a card with the name only
+    assert metadata_load(tmp_path / "plain" / "README.md") == {"tags": ["llmos"]}
+    ckpt.meta |= {"license": "apache-2.0", "name": "Tiny Llama: 2 layers", "path": "/models/tiny.Q8_0.gguf"}
+    hf.write(ckpt, tmp_path / "out", "f32")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert metadata_load(tmp_path / "out" / "README.md") == {"license": "apache-2.0", "tags": ["llmos"]}
+    assert "# Tiny Llama: 2 layers" in card and "Converted by llmos from tiny.Q8_0.gguf" in card
+    assert hf.read(tmp_path / "out").meta["license"] == "apache-2.0"
+    ckpt.meta["license"] = "https://example.com/license: see terms"  # not a license id: 'other', text in the body
+    hf.write(ckpt, tmp_path / "out", "f32")
+    assert metadata_load(tmp_path / "out" / "README.md")["license"] == "other"
+    assert "License: https://example.com/license: see terms" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_cached_repository_is_named_by_its_id(tmp_path):
+    snapshot = tmp_path / "models--org--tiny-llama" / "snapshots" / "0123abcd"
+    make_hf(**CASES["llama-untied"]).save_pretrained(snapshot)
+    ckpt = hf.read(snapshot)
+    assert ckpt.meta["name"] == ckpt.meta["base_model"] == "org/tiny-llama"
+    hf.write(ckpt, tmp_path / "out", "f32")
+    from huggingface_hub import metadata_load
+
+    assert metadata_load(tmp_path / "out" / "README.md")["base_model"] == "org/tiny-llama"
+
+
 # ----------------------------------------------------------------------------
 # Bad input: one-line LlmosErrors
 

@@ -229,6 +229,18 @@ def test_v1_tensors_equal_the_packed_ones(tmp_path, no_tokenizer):
         assert torch.equal(sd[k], v), k
 
 
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_read_without_weights(tmp_path, no_tokenizer, version):
+    """weights=False: the same config and meta (tensor counts by type) as a full read, and no tensors."""
+    path = tmp_path / "model.bin"
+    [write_legacy, write_v1, write_v2][version](path, random_weights(shared=False), shared=False)
+    full, light = llama2c.read(path), llama2c.read(path, weights=False)
+    assert light.state_dict == {} and light.config == full.config and light.meta == full.meta
+    n = 2 + 9 * P["layers"] + 1  # embed, head, 9 a layer, final norm
+    assert sum(full.meta["tensor_types"].values()) == len(full.state_dict) == n
+    assert full.meta["tensor_types"].get("q8_0", 0) == (2 + 7 * P["layers"] if version == 2 else 0)
+
+
 # ----------------------------------------------------------------------------
 # Bad input and the tokenizer beside the checkpoint
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from llmos.errors import LlmosError
 from llmos.tokenizer import Tokenizer
@@ -120,6 +120,8 @@ def test_llama_cpp_vectors_and_gguf_round_trip(name):
     assert tok.encode("Hello")[0] == (tok.bos_id if name != "gpt-2" else 15496)
 
     fields = tok.to_gguf_fields()
+    if name != "phi-3":  # llama.cpp's Phi-3 converter types its padding UNKNOWN and <unk> CONTROL
+        assert fields["tokenizer.ggml.token_type"] == ggml_vocab_fields(name)["tokenizer.ggml.token_type"]
     again = Tokenizer.from_gguf_fields(fields)
     assert again.to_gguf_fields() == fields
     assert [again.encode(text, add_bos=False) for text, _ in cases] == [want for _, want in cases]
@@ -337,11 +339,16 @@ def test_hf_dir_fields_and_round_trips(tmp_path):
     assert tok.piece(tok.encode(" quick")[0]) == " quick"
     fields = tok.to_gguf_fields()
     assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["tokenizer.ggml.token_type"][:7] == [3] * 7
+    # the second end token travels as eot (GGUF has one eos id) and comes back into eos_ids
+    assert (fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.eot_token_id"]) == (1, 5)
+    assert "tokenizer.ggml.eom_token_id" not in fields
     again = Tokenizer.from_gguf_fields(fields)
+    assert again.eos_ids == [1, 5]
     for text in SAMPLES + ["<|begin_of_text|>The lazy dog<|eot_id|>"]:
         assert again.encode(text) == tok.encode(text)
         assert again.decode(tok.encode(text)) == text
-    tok.save_hf(tmp_path / "out")
+    tok.save_hf(tmp_path / "out")  # the extra eos ids live in generation_config.json, which formats/hf.py writes
+    (tmp_path / "out" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 1]}))
     assert Tokenizer.from_hf_dir(tmp_path / "out").to_gguf_fields() == fields
     # the older single-file template form, and no template at all: ChatML
     (d / "chat_template.jinja").unlink()
@@ -352,6 +359,24 @@ def test_hf_dir_fields_and_round_trips(tmp_path):
     assert plain.chat_template is None
     assert plain.render_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == \
            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_end_tokens_travel_as_eot_and_eom(tmp_path, caplog):
+    hf = HFTokenizer.from_file(str(tiny_hf_dir(tmp_path, CHATML) / "tokenizer.json"))
+    hf.add_special_tokens([AddedToken("<|end_of_text|>", special=True), AddedToken("<|eom_id|>", special=True)])
+    end, eom = hf.token_to_id("<|end_of_text|>"), hf.token_to_id("<|eom_id|>")
+    # Llama 3.1 Instruct: eos_token <|eot_id|> (1), generation_config [<|end_of_text|>, <|eom_id|>, <|eot_id|>]
+    fields = Tokenizer(hf, bos_id=0, eos_ids=[1, end, eom, 1]).to_gguf_fields()
+    assert [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")] == [1, end, eom]
+    assert Tokenizer.from_gguf_fields(fields).eos_ids == [1, end, eom]
+    # an end-of-turn name wins the eot slot; a third end token has no slot in GGUF, and the log says so
+    fields = Tokenizer(hf, eos_ids=[end, 6, 5]).to_gguf_fields()
+    assert [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")] == [end, 5, None]
+    assert "[6] are not written" in caplog.text
+    assert "tokenizer.ggml.eot_token_id" not in Tokenizer(hf, eos_ids=[1]).to_gguf_fields()
+    # a model's generation_config ids, passed by the GGUF writer, join the tokenizer's own
+    fields = Tokenizer(hf, eos_ids=[1]).to_gguf_fields(eos_ids=[5, 1])
+    assert [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")] == [1, 5, None]
 
 
 # ----------------------------------------------------------------------------- bad input

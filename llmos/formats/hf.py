@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmos.errors import LlmosError
-from llmos.formats import Checkpoint
-from llmos.model import Config, Transformer
+from llmos.formats import Checkpoint, expected_shapes
+from llmos.model import Config
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 DEFAULTS = {  # transformers' defaults for the keys a config.json may leave out
@@ -45,6 +45,9 @@ DEFAULTS = {  # transformers' defaults for the keys a config.json may leave out
 }
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 SHORT_NAMES = {v: k for k, v in DTYPES.items()}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 SHARD_BYTES = 2 * 1024**3
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
 
@@ -78,14 +81,18 @@ def to_hf(name: str) -> str:
 # Reading
 
 
-def read(path) -> Checkpoint:
+def read(path, weights: bool = True) -> Checkpoint:
+    """weights=False: shapes and dtypes from the files' headers are checked, no tensor is loaded."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LlmosError(f"{path}: no config.json here; pass a Hugging Face model directory")
     hf = read_json(path / "config.json")
     cfg, arch = config_from_hf(hf, path / "config.json")
-    tensors, files = load_tensors(path)
+    tensors, files = load_tensors(path, weights)
     state_dict = match_weights(tensors, cfg, path)
+    snap = path.resolve()  # in the Hugging Face cache: .../models--org--name/snapshots/<commit>
+    in_cache = snap.parent.name == "snapshots" and snap.parent.parent.name.startswith("models--")
+    repo = snap.parent.parent.name.removeprefix("models--").replace("--", "/", 1) if in_cache else None
     gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     eos = gen.get("eos_token_id", hf.get("eos_token_id"))
     meta = {
@@ -93,7 +100,7 @@ def read(path) -> Checkpoint:
         "path": str(path),
         "file_size": sum(f.stat().st_size for f in files),
         "tensor_types": dict(Counter(SHORT_NAMES.get(t.dtype, str(t.dtype)) for t in state_dict.values())),
-        "name": path.resolve().name,
+        "name": repo or snap.name,
         "architecture": arch,
         "eos_token_ids": [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         "generation": {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None},
@@ -101,7 +108,9 @@ def read(path) -> Checkpoint:
     card = (path / "README.md").read_text(errors="replace")[:4000] if (path / "README.md").is_file() else ""
     if m := re.search(r"^license:\s*(\S+)", card, re.M):  # the model card's front matter, as the Hub writes it
         meta["license"] = m[1]
-    return Checkpoint(cfg, state_dict, load_tokenizer(path), meta)
+    if repo:
+        meta["base_model"] = repo
+    return Checkpoint(cfg, state_dict if weights else {}, load_tokenizer(path), meta)
 
 
 def config_from_hf(hf: dict, where) -> tuple[Config, str]:
@@ -149,8 +158,9 @@ def sliding_window(c: dict, kind: str) -> int | None:
     return c.get("sliding_window") if kind == "mistral" else None
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """All tensors of the directory's weight files, by transformers name, in their stored dtype."""
+def load_tensors(path: Path, weights: bool = True) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """All tensors of the directory's weight files, by transformers name, in their stored dtype.
+    weights=False: meta-device stand-ins of the same shape and dtype, from the safetensors headers."""
     index = next((path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
                   if (path / n).is_file()), None)
     if index:
@@ -164,7 +174,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
         try:
             if f.suffix == ".safetensors":
                 with safe_open(f, framework="pt") as sf:
-                    tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
+                    tensors.update({k: sf.get_tensor(k) if weights else stand_in(sf.get_slice(k)) for k in sf.keys()})
             else:
                 tensors.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
         except FileNotFoundError:
@@ -175,10 +185,14 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     return tensors, files
 
 
+def stand_in(t) -> torch.Tensor:
+    """A safetensors slice as an empty meta tensor: its shape and dtype, no data read."""
+    return torch.empty(t.get_shape(), dtype=SAFETENSORS_DTYPES.get(t.get_dtype(), torch.uint8), device="meta")
+
+
 def match_weights(tensors: dict, cfg: Config, where) -> dict[str, torch.Tensor]:
     """Rename to llmos names and check every tensor against the shapes the config implies."""
-    with torch.device("meta"):  # shapes without allocating anything
-        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    expected = expected_shapes(cfg)
     state_dict = {}
     for hf_name, t in tensors.items():
         if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == "lm_head.weight" and cfg.tie_embeddings):
@@ -248,8 +262,24 @@ def write_files(ckpt: Checkpoint, out: Path, dtype: torch.dtype) -> None:
     gen = {"bos_token_id": bos, "eos_token_id": eos_ids or eos, "pad_token_id": pad}
     dump(out / "generation_config.json", {**gen, **meta.get("generation", {})})
     dump(out / "llmos_config.json", cfg.to_dict())
+    if meta.get("license") or meta.get("name"):
+        (out / "README.md").write_text(model_card(meta))
     if tok is not None:
         tok.save_hf(out)
+
+
+def model_card(meta: dict) -> str:
+    """A minimal model card: front matter the Hub (and read() above) takes the license from, and the source.
+    The Hub wants a license id there; other license text (a URL, a sentence) goes as `other` plus the text."""
+    lic, name, base = str(meta.get("license") or "").strip(), meta.get("name"), meta.get("base_model")
+    is_id = re.fullmatch(r"[\w.+-]+", lic)
+    front = [f"license: {lic if is_id else 'other'}"] * bool(lic)
+    body = [f"# {name}", ""] * bool(name) + [f"Converted by llmos from {Path(meta.get('path') or 'a checkpoint').name}."]
+    if lic and not is_id:
+        body += ["", f"License: {lic}"]
+    if base:  # set when the source came from the Hugging Face cache: a repository id, as the Hub wants
+        front.append(f"base_model: {base}")
+    return "\n".join(["---", *front, "tags:", "- llmos", "---", "", *body]) + "\n"
 
 
 def config_to_hf(cfg: Config, dtype: torch.dtype, bos, eos, pad) -> dict:

@@ -35,7 +35,8 @@ from llmos.model import Config
 MAGIC = 0x616B3432  # "ak42"
 
 
-def read(path, tokenizer_path=None) -> Checkpoint:
+def read(path, tokenizer_path=None, weights: bool = True) -> Checkpoint:
+    """weights=False: header, sizes and tokenizer only; the state dict stays empty."""
     path = Path(path)
     if not path.is_file():
         raise LlmosError(f"{path}: no such file; pass a llama2.c .bin checkpoint")
@@ -52,7 +53,7 @@ def read(path, tokenizer_path=None) -> Checkpoint:
     state_dict = {}
     for (name, shape, n), size, is_q8 in zip(tensors, sizes, quantized):
         chunk, offset = data[offset : offset + size], offset + size
-        if name is None:  # the legacy rope tables, which model.py recomputes
+        if name is None or not weights:  # the legacy rope tables, which model.py recomputes
             continue
         if not is_q8:
             w = torch.from_numpy(chunk.view(np.float32).copy())
@@ -66,7 +67,8 @@ def read(path, tokenizer_path=None) -> Checkpoint:
         "format": "llama2c",
         "path": str(path),
         "file_size": data.size,
-        "tensor_types": {"f32": len(state_dict) - sum(quantized), **({"q8_0": sum(quantized)} if version == 2 else {})},
+        "tensor_types": {"f32": sum(name is not None for name, _, _ in tensors) - sum(quantized),
+                         **({"q8_0": sum(quantized)} if version == 2 else {})},
         "name": path.stem,
         "architecture": "llama",
         "eos_token_ids": [2],
