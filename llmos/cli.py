@@ -343,17 +343,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=4096, help="most tokens one reply may ask for")
     s.add_argument("--max-pending", type=int, default=8, help="requests running or queued before the server answers 503")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--rate-limit", type=float, default=600, help="requests a minute per API key (or client address); 0 = no limit")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("train", help="train a tokenizer or a model: llmos train STAGE --help")
     s.add_argument("stage", choices=sorted(TRAIN_STAGES))
     s.add_argument("args", nargs=argparse.REMAINDER, help="the stage's options")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", add_help=False, help="measure a model: llmos eval MODEL --task ppl|arc|gsm8k|contains --data FILE [--limit N]")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="MODEL and the options of `llmos eval MODEL --help`")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("data", help="training files from the chat page's votes and corrections: llmos data export --help")
+    s.add_argument("action", choices=["export"])
+    s.add_argument("args", nargs=argparse.REMAINDER, help="the action's options")
+    s.set_defaults(func=cmd_data)
     return p
 
 
 # Each training stage keeps its own options with its code (fields of its config dataclass).
-TRAIN_STAGES = {"tokenizer": "llmos.train.tokenizer_train", "pretrain": "llmos.train.pretrain"}
+TRAIN_STAGES = {"tokenizer": "llmos.train.tokenizer_train", "pretrain": "llmos.train.pretrain",
+                "sft": "llmos.train.sft", "dpo": "llmos.train.dpo", "reward": "llmos.train.reward"}
 
 
 def cmd_train(args) -> int:
@@ -366,8 +377,20 @@ def cmd_serve(args) -> int:
     from llmos.server.app import serve  # fastapi and uvicorn load only for this command
 
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-          max_tokens=args.max_tokens, max_pending=args.max_pending)
+          max_tokens=args.max_tokens, max_pending=args.max_pending, rate_limit=args.rate_limit)
     return 0
+
+
+def cmd_eval(args) -> int:
+    from llmos.evals.run import main as eval_main
+
+    return eval_main(args.args)
+
+
+def cmd_data(args) -> int:
+    from llmos import data_export
+
+    return data_export.main([args.action, *args.args])
 
 
 def main(argv=None) -> int:
