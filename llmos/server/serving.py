@@ -4,6 +4,10 @@ Nothing here knows HTTP beyond status codes: routes.py hands in a parsed request
 `disconnected()` callable and gets back a pydantic response or an async iterator of
 server-sent-event lines.
 
+`response_format` (json_object, json_schema) and a forced `tool_choice` constrain decoding with a
+grammar, and offered tools' calls are parsed out of the reply (grammar.py). /v1/embeddings runs
+all-MiniLM-L6-v2 (embeddings.py) on its own thread.
+
 A `model` may also name an assistant (store.py): its model runs, with its system prompt first
 and its sampling defaults under the request's own values. The chat page's turns (`turn`) plan
 like a chat request and save the reply in the store while it streams.
@@ -19,6 +23,7 @@ together replaces `Job._run` and the worker thread, and nothing above it changes
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import ipaddress
 import json
@@ -32,6 +37,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from llmos.engine import Engine, Piece, SamplingParams, fit_messages
 from llmos.errors import LlmosError
 from llmos.server import protocol as p
+from llmos.server.grammar import Constrained, Vocabulary, json_schema_grammar, parse_tool_calls, tool_call_schema
 from llmos.server.store import Store
 
 # ----------------------------------------------------------------------------
@@ -96,6 +102,14 @@ class ServedModel:
     context: int  # the model's context limit in tokens
     defaults: dict  # sampling defaults from the checkpoint's generation config
     worker: ThreadPoolExecutor  # one thread: one generation at a time on this model
+    _vocab: Vocabulary | None = None
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The tokenizer as the grammar matcher sees it, built on the first constrained request."""
+        if self._vocab is None:
+            self._vocab = Vocabulary(self.tokenizer, self.engine.model.cfg.vocab_size, sorted(self.engine.eos_ids))
+        return self._vocab
 
     @classmethod
     def build(cls, name: str, model, tokenizer, ckpt=None) -> "ServedModel":
@@ -118,6 +132,8 @@ class ChatPlan:
     prompt: list[int]
     params: SamplingParams
     dropped: int = 0  # the oldest messages left out to fit the context
+    grammar: str | None = None  # what the output must match (response_format, a forced tool call)
+    tools: set[str] | None = None  # names of the tools offered: their calls are parsed from the output
 
 
 class Job:
@@ -187,10 +203,13 @@ class Serving:
         self.store = store or Store.open(self.config.home)
         self.pending = 0
         self._lock = threading.Lock()
+        self._embedder = None  # all-MiniLM-L6-v2, loaded on the first /v1/embeddings request
+        self._embed_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmos-embeddings")
 
     def close(self) -> None:
         for served in self.models.values():
             served.worker.shutdown(wait=False, cancel_futures=True)
+        self._embed_worker.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
     # --- models, health, admission ---
@@ -298,7 +317,7 @@ class Serving:
             raise APIError(400, str(e)) from None
         return params
 
-    def _runs(self, served: ServedModel, prompts: list[list[int]], params: SamplingParams, n: int) -> list:
+    def _runs(self, served: ServedModel, prompts: list[list[int]], params: SamplingParams, n: int, grammar: str | None = None) -> list:
         """One engine stream per choice. Choice j of a seeded request samples with seed + j, so the
         choices differ from each other and each one repeats exactly. The engine checks its inputs
         here, before anything is sent."""
@@ -307,7 +326,8 @@ class Serving:
             for j in range(n):
                 seed = None if params.seed is None else params.seed + j
                 try:
-                    runs.append(served.engine.stream(ids, dataclasses.replace(params, seed=seed)))
+                    constrain = Constrained(served.vocab, grammar) if grammar else None  # each run follows its own copy
+                    runs.append(served.engine.stream(ids, dataclasses.replace(params, seed=seed, logits_processor=constrain)))
                 except LlmosError as e:
                     raise APIError(400, str(e)) from None
         return runs
@@ -317,18 +337,19 @@ class Serving:
     async def chat(self, req: p.ChatCompletionRequest, disconnected: Disconnected):
         plan = self._plan_chat(req)
         served, prompt, n, top = plan.served, plan.prompt, req.n or 1, plan.params.logprobs
-        job = self._start(served, self._runs(served, [prompt], plan.params, n))
+        job = self._start(served, self._runs(served, [prompt], plan.params, n, plan.grammar))
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=plan.name)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._chat_stream(served, job, disconnected, head, n, len(prompt), include_usage)
+            return self._chat_stream(served, job, disconnected, head, n, len(prompt), include_usage, plan.tools)
         choices = await collect(job, disconnected, n)
         return p.ChatCompletion(
             **head,
             choices=[
-                p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish,
+                p.ChatChoice(index=i, message=p.AssistantMessage(content=content, tool_calls=calls or None), finish_reason=finish,
                              logprobs=self._chat_logprobs(served, c.tokens) if top is not None else None)
                 for i, c in enumerate(choices)
+                for content, calls, finish in [reply(c, plan.tools)]
             ],
             usage=usage(len(prompt), choices),
         )
@@ -337,10 +358,9 @@ class Serving:
         """Everything checked before anything runs: the model (or assistant), the prompt's ids, the
         sampling. fit: leave out the oldest turns that do not fit the context (the page's turns)."""
         served, assistant = self.resolve(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise not_supported("response_format", f"response_format {req.response_format.type} (constrained decoding)")
-        if req.tool_choice == "required" or isinstance(req.tool_choice, p.NamedToolChoice):
-            raise not_supported("tool_choice", "forcing a tool call")
+        grammar, tools = self._grammar(req), None
+        if req.tools and req.tool_choice != "none":
+            tools = {t.function.name for t in req.tools}
         n = req.n or 1
         if n > self.config.max_choices:
             raise APIError(400, f"n is {n} but this server allows at most {self.config.max_choices}", param="n")
@@ -351,7 +371,32 @@ class Serving:
         prompt, dropped = self._chat_prompt(served, req, reserve)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, served, len(prompt), max_new, top, "messages", default_max)
-        return ChatPlan(served, assistant["name"] if assistant else served.name, prompt, params, dropped)
+        return ChatPlan(served, assistant["name"] if assistant else served.name, prompt, params, dropped, grammar, tools)
+
+    def _grammar(self, req: p.ChatCompletionRequest) -> str | None:
+        """The grammar the reply must follow: a forced tool call's JSON, or the response_format's."""
+        choice, tools = req.tool_choice, [t.model_dump(exclude_none=True) for t in req.tools or []]
+        if (choice == "required" or isinstance(choice, p.NamedToolChoice)) and not tools:
+            raise APIError(400, "tool_choice forces a tool call but the request offers no tools; add `tools` or drop `tool_choice`",
+                           param="tool_choice")
+        fmt = req.response_format
+        try:
+            if choice == "required":
+                return json_schema_grammar(tool_call_schema(tools))
+            if isinstance(choice, p.NamedToolChoice):
+                if choice.function.name not in {t["function"]["name"] for t in tools}:
+                    raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not among the request's tools",
+                                   param="tool_choice")
+                return json_schema_grammar(tool_call_schema(tools, choice.function.name))
+            if fmt is None or fmt.type == "text":
+                return None
+            if fmt.type == "json_object":
+                return json_schema_grammar({"type": "object"})
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format json_schema needs a `json_schema` object: {name, schema}", param="response_format")
+            return json_schema_grammar(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"})
+        except LlmosError as e:
+            raise APIError(400, str(e), param="tool_choice" if choice not in (None, "auto", "none") else "response_format") from None
 
     def _chat_prompt(self, served: ServedModel, req: p.ChatCompletionRequest, reserve: int | None = None) -> tuple[list[int], int]:
         """The prompt's token ids, and how many old messages were left out: none, unless `reserve`
@@ -380,7 +425,9 @@ class Serving:
             raise APIError(400, str(e), param="messages") from None
 
     async def _chat_stream(self, served: ServedModel, job: Job, disconnected: Disconnected, head: dict, n: int,
-                           prompt_len: int, include_usage: bool):
+                           prompt_len: int, include_usage: bool, tools: set[str] | None = None):
+        """Chunks as the tokens come; with tools offered, each choice's text is held to its end, where
+        it leaves as content or as parsed tool calls (the text alone cannot tell which before then)."""
         def chunk(choices, usage=None) -> str:
             return sse(p.ChatCompletionChunk(**head, choices=choices, usage=usage))
 
@@ -394,10 +441,16 @@ class Serving:
                 logprobs = None
                 if piece.logprob is not None:
                     logprobs = self._chat_logprobs(served, [(piece.token_id, piece.logprob, piece.top_logprobs)])
-                if piece.text or logprobs:
-                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(content=piece.text), logprobs=logprobs)])
+                if (piece.text and not tools) or logprobs:
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(content=None if tools else piece.text), logprobs=logprobs)])
                 if piece.finish_reason:
-                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(), finish_reason=piece.finish_reason)])
+                    finish = piece.finish_reason
+                    if tools:
+                        content, calls, finish = reply(c, tools)
+                        deltas = [p.DeltaToolCall(index=k, **call) for k, call in enumerate(calls)]
+                        if content or deltas:
+                            yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(content=content, tool_calls=deltas or None))])
+                    yield chunk([p.ChatChunkChoice(index=i, delta=p.Delta(), finish_reason=finish)])
         except Exception as e:  # the status line is already sent: report in the stream, as OpenAI does
             yield sse(error_body(e))
             return
@@ -438,7 +491,7 @@ class Serving:
         req = p.ChatCompletionRequest(model=model, messages=messages, temperature=body.temperature, top_p=body.top_p,
                                       max_tokens=body.max_tokens)
         plan = self._plan_chat(req, fit=True)  # every check before the first write
-        job = self._start(plan.served, self._runs(plan.served, [plan.prompt], plan.params, 1))
+        job = self._start(plan.served, self._runs(plan.served, [plan.prompt], plan.params, 1, plan.grammar))
         try:
             user = None
             if body.regenerate:
@@ -483,6 +536,46 @@ class Serving:
         return {"model": assistant["name"] if assistant else served.name, "tokens": len(self._chat_prompt(served, chat)[0]),
                 "context": served.context}
 
+    # --- /v1/embeddings ---
+
+    async def embeddings(self, req: p.EmbeddingRequest) -> p.EmbeddingList:
+        if req.model.removeprefix("sentence-transformers/") != EMBEDDING_MODEL:
+            raise APIError(404, f"The model `{req.model}` does not make embeddings; this server embeds with {EMBEDDING_MODEL}",
+                           param="model", code="model_not_found")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "input must be a string or a non-empty list of strings (token ids are not supported: "
+                                f"{EMBEDDING_MODEL} has its own tokenizer)", param="input")
+        if len(texts) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"input has {len(texts)} items but at most {MAX_EMBED_INPUTS} are allowed per request", param="input")
+        if req.dimensions is not None and req.dimensions != 384:
+            raise APIError(400, f"{EMBEDDING_MODEL} makes 384-dimensional embeddings; leave `dimensions` out or send 384",
+                           param="dimensions")
+        self._admit()
+        try:
+            vectors, tokens = await asyncio.get_running_loop().run_in_executor(self._embed_worker, self._embed, texts)
+        except LlmosError as e:  # the model's package is not installed
+            raise APIError(404, str(e), param="model", code="model_not_found") from None
+        finally:
+            self._release()
+        if req.encoding_format == "base64":
+            data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = vectors.tolist()
+        return p.EmbeddingList(data=[p.Embedding(index=i, embedding=e) for i, e in enumerate(data)], model=EMBEDDING_MODEL,
+                               usage=p.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+    def _embed(self, texts: list[str]):
+        """(vectors [N, 384], tokens read) on the embeddings thread, 64 texts at a time."""
+        import torch
+
+        from llmos.server.embeddings import MiniLM
+
+        if self._embedder is None:
+            self._embedder = MiniLM()
+        chunks = [texts[i : i + 64] for i in range(0, len(texts), 64)]
+        return torch.cat([self._embedder.embed(c) for c in chunks]), sum(map(sum, map(self._embedder.count, chunks)))
+
     # --- /v1/completions ---
 
     async def completions(self, req: p.CompletionRequest, disconnected: Disconnected):
@@ -524,6 +617,9 @@ class Serving:
         if isinstance(prompt, str) or all(isinstance(x, int) for x in prompt):
             prompt = [prompt]
         ids = [x if isinstance(x, list) else served.tokenizer.encode(x) for x in prompt]
+        vocab = served.engine.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for x in ids for t in x):  # before decoding them: the tokenizer would overflow
+            raise APIError(400, f"prompt has token ids outside 0..{vocab - 1}; encode it with this model's tokenizer", param="prompt")
         return ids, [x if isinstance(x, str) else served.tokenizer.decode(x) for x in prompt]
 
     async def _completion_stream(self, served: ServedModel, job: Job, disconnected: Disconnected, head: dict, echoes: list[str],
@@ -557,6 +653,8 @@ class Serving:
 # Helpers
 
 SAVE_EVERY = 0.5  # seconds between saves of a streaming reply
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit per request
 
 
 def with_assistant(req: p.ChatCompletionRequest, assistant: dict | None) -> p.ChatCompletionRequest:
@@ -568,6 +666,14 @@ def with_assistant(req: p.ChatCompletionRequest, assistant: dict | None) -> p.Ch
     if assistant["system_prompt"] and req.messages[0].role not in ("system", "developer"):
         update["messages"] = [p.ChatMessage(role="system", content=assistant["system_prompt"]), *req.messages]
     return req.model_copy(update=update)
+
+
+def reply(choice: "Choice", tools: set[str] | None) -> tuple[str | None, list[dict], str]:
+    """A chat choice's (content, tool calls, finish reason): calls parsed out when tools were offered."""
+    if not tools:
+        return choice.text, [], choice.finish
+    content, calls = parse_tool_calls(choice.text, tools)
+    return content, calls, "tool_calls" if calls and choice.finish == "stop" else choice.finish
 
 
 def title_of(text: str) -> str:
