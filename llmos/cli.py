@@ -346,6 +346,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-limit", type=float, default=600, help="requests a minute per API key (or client address); 0 = no limit")
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("quantize", help="write an int8 or int4 copy of a model (weight-only, loads back with llmos run)")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--to", required=True, choices=["int8", "int4"])
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4: inputs per scale and zero (default 32)")
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("fit", help="predict the memory a model needs and whether it fits this machine")
+    s.add_argument("model", nargs="?", metavar="MODEL", help="a model name or path, or a size: 135m, 1.1b, 7b, 13b, 30b, 70b, 175b")
+    s.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096)")
+    s.add_argument("--quant", choices=["f32", "f16", "bf16", "int8", "int4"], help="precision (default: as stored, f32 for quantized GGUF)")
+    s.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
+    s.add_argument("--train", choices=["none", "full", "lora"], default="none", help="plan training instead of inference")
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
+    s.add_argument("--table", action="store_true", help="7B to 175B at fp32, fp16, int8, int4: weights + KV cache")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("bench", help="decode and prefill tokens/s, time to first token and peak memory per precision")
+    s.add_argument("model", nargs="?", metavar="MODEL", help="model name or path (default: the bundled SmolLM2; or use --shape)")
+    s.add_argument("--shape", choices=["smollm2-135m", "tinyllama-1.1b"], help="random weights of this shape instead of MODEL")
+    s.add_argument("--precisions", default="f32,bf16,int8,int4", help="comma-separated, of f32 f16 bf16 int8 int4")
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
+    s.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill test (default 512: pp512)")
+    s.add_argument("--decode", type=int, default=128, help="tokens of the decode test (default 128: tg128)")
+    s.add_argument("--reps", type=int, default=3, help="repetitions of each test (default 3)")
+    s.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    s.add_argument("--json", metavar="OUT", help="write the records as JSON to OUT")
+    s.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("train", help="train a tokenizer or a model: llmos train STAGE --help")
     s.add_argument("stage", choices=sorted(TRAIN_STAGES))
     s.add_argument("args", nargs=argparse.REMAINDER, help="the stage's options")
@@ -379,6 +409,24 @@ def cmd_serve(args) -> int:
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
           max_tokens=args.max_tokens, max_pending=args.max_pending, rate_limit=args.rate_limit)
     return 0
+
+
+def cmd_quantize(args) -> int:
+    from llmos import quant
+
+    return quant.cmd_quantize(args)
+
+
+def cmd_fit(args) -> int:
+    from llmos import planner
+
+    return planner.cmd_fit(args)
+
+
+def cmd_bench(args) -> int:
+    from llmos import bench
+
+    return bench.cmd_bench(args)
 
 
 def cmd_eval(args) -> int:

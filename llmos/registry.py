@@ -181,7 +181,12 @@ def short(items: list, n: int = 3) -> str:
 def load_model(name, device: str = "cpu", dtype=None):
     """(Transformer, Tokenizer | None, Checkpoint) for a model name; see the module docstring for names."""
     device = check_device(device)
-    ckpt = read_checkpoint(resolve(name))
+    path = resolve(name)
+    from llmos import quant
+
+    if quant.is_quantized_dir(path):  # written by `llmos quantize`: int8/int4 modules, not float weights
+        return quant.load_quantized(path, device, dtype)
+    ckpt = read_checkpoint(path)
     return build_model(ckpt, device, dtype), ckpt.tokenizer, ckpt
 
 

@@ -84,6 +84,10 @@ def to_hf(name: str) -> str:
 def read(path, weights: bool = True) -> Checkpoint:
     """weights=False: shapes and dtypes from the files' headers are checked, no tensor is loaded."""
     path = Path(path)
+    from llmos import quant
+
+    if quant.is_quantized_dir(path):  # `llmos quantize` output: a float view for show and export
+        return quant.read_dequantized(path, weights)
     if not (path / "config.json").is_file():
         raise LlmosError(f"{path}: no config.json here; pass a Hugging Face model directory")
     hf = read_json(path / "config.json")

@@ -1,0 +1,275 @@
+"""Speed and memory per precision, measured the way llama-bench measures llama.cpp.
+
+    llmos bench [MODEL] [--shape smollm2-135m|tinyllama-1.1b] [--precisions f32,bf16,int8,int4] [--json OUT]
+    llmos bench --shape tinyllama-1.1b --json bench/results/tinyllama.json
+
+For each precision, in a fresh process (so its peak resident memory is its own):
+
+    prefill_tok_s   pp512: one forward over a 512-token prompt into an empty KV cache
+    decode_tok_s    tg128: 128 single-token steps through the cache, greedy, from an empty context
+    ttft_s          time to the first token of a 128-token prompt: cache allocation, prefill, argmax
+    peak_rss_mb     the process's peak resident memory (getrusage ru_maxrss): loading included
+    ceiling_tok_s   the machine's read bandwidth / the weight bytes a decode step reads
+
+Means of --reps runs after one short warm-up (standard deviations beside them, as llama-bench
+prints). The model is MODEL (loaded as llmos.quant.load_precision does), or with --shape a model
+of that shape with random weights (normal, std 0.02), so the numbers compare with llama.cpp's on
+the same shapes. Each record also carries what llmos.planner predicted for the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmos import planner, quant
+from llmos.errors import LlmosError
+
+SHAPES = {"smollm2-135m": "135m", "tinyllama-1.1b": "1.1b"}
+DEFAULT_PRECISIONS = ("f32", "bf16", "int8", "int4")
+TTFT_PROMPT = 128
+
+# ----------------------------------------------------------------------------
+# The machine: memory read bandwidth
+
+
+def bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `reps` torch sums over a float32 tensor of `nbytes`."""
+    x = torch.ones(nbytes // 4)
+    x.sum()  # first touch and warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process. On Linux VmHWM, not ru_maxrss: a child started by
+    subprocess (vfork + exec) inherits its parent's peak in ru_maxrss, VmHWM starts afresh at exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def current_rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return peak_rss()
+
+
+# ----------------------------------------------------------------------------
+# Models: random weights of a named shape, or a real one
+
+
+@torch.no_grad()
+def random_model(cfg, precision: str, group_size: int | None = None, seed: int = 0):
+    """A Transformer of `cfg` with random weights at `precision` (built in bfloat16 and then quantized
+    for int8/int4, so the float copy never exists in float32)."""
+    from llmos.model import Transformer
+    from llmos.registry import no_init
+
+    build = {"f32": torch.float32, "f16": torch.float16}.get(precision, torch.bfloat16)
+    torch.manual_seed(seed)
+    with no_init():
+        model = Transformer(cfg).to(build)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02)
+    if precision in quant.SCHEMES:
+        quant.quantize_model(model, precision, group_size)
+    quant.release_memory()
+    return model.eval()
+
+
+def random_tokens(cfg, n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (1, n), generator=g)
+
+
+# ----------------------------------------------------------------------------
+# Timings, batch 1 (llama-bench's pp and tg tests)
+
+
+@torch.inference_mode()
+def time_prefill(model, n: int) -> float:
+    tokens = random_tokens(model.cfg, n)
+    cache = model.new_cache(1, n)
+    t = time.perf_counter()
+    model(tokens, cache)[:, -1].float().argmax(-1).item()
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def time_decode(model, n: int) -> float:
+    cache = model.new_cache(1, n + 1)
+    token = random_tokens(model.cfg, 1)
+    logits = model(token, cache)[:, -1]
+    t = time.perf_counter()
+    for _ in range(n):
+        token = logits.float().argmax(-1, keepdim=True)
+        logits = model(token, cache)[:, -1]
+    logits.float().argmax(-1).item()
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def time_first_token(model, prompt: int, new: int) -> float:
+    tokens = random_tokens(model.cfg, prompt, seed=2)
+    t = time.perf_counter()
+    cache = model.new_cache(1, prompt + new)
+    model(tokens, cache)[:, -1].float().argmax(-1).item()
+    return time.perf_counter() - t
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------
+# One precision, in this process
+
+
+def run_one(spec: dict) -> dict:
+    """Load or build the model, time it, and return its record. spec: model or shape, precision,
+    group_size, prefill, decode, reps, threads, bandwidth (bytes/s)."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    precision, group = spec["precision"], spec.get("group_size")
+    group = quant.check_scheme(precision, group) if precision in quant.SCHEMES else None
+    t = time.perf_counter()
+    if spec.get("shape"):
+        src = planner.Source(spec["shape"], planner.SIZES[SHAPES[spec["shape"]]], "random", tokenizer=False)
+        src.read_bytes = src.config.num_params() * (4 if precision == "f32" else 2)  # the build before quantizing
+        model = random_model(src.config, precision, group)
+        name = spec["shape"]
+    else:
+        src = planner.source(spec["model"])
+        model, _, ckpt = quant.load_precision(spec["model"], precision, group_size=group)
+        name = ckpt.meta.get("name") or spec["model"]
+    load_s = time.perf_counter() - t
+    cfg = model.cfg
+    prefill, decode, reps = spec["prefill"], spec["decode"], spec["reps"]
+    if prefill + decode > cfg.max_seq_len:
+        raise LlmosError(f"--prefill {prefill} + --decode {decode} exceed {name}'s context of {cfg.max_seq_len}")
+
+    time_prefill(model, min(16, prefill))  # warm-up: first calls pick kernels and allocate
+    time_decode(model, min(4, decode))
+    pp = [prefill / time_prefill(model, prefill) for _ in range(reps)]
+    tg = [decode / time_decode(model, decode) for _ in range(reps)]
+    ft = [time_first_token(model, min(TTFT_PROMPT, prefill), decode) for _ in range(reps)]
+
+    per_token = planner.bytes_per_token(cfg, precision, group or 32)
+    ctx = max(prefill, decode + 1, min(TTFT_PROMPT, prefill) + decode)
+    plan = planner.plan(src, precision, ctx=ctx, prompt=prefill, group_size=group or 32)
+    (decode_s, decode_sd), (prefill_s, prefill_sd), (ttft, ttft_sd) = mean_sd(tg), mean_sd(pp), mean_sd(ft)
+    ceiling = spec["bandwidth"] / per_token
+    return {
+        "precision": precision, "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),
+        "ttft_s": round(ttft, 4), "peak_rss_mb": round(peak_rss() / 1e6, 1), "ceiling_tok_s": round(ceiling, 1),
+        "model": name, "random_weights": bool(spec.get("shape")), "params": cfg.num_params(),
+        "group_size": group, "decode_tok_s_sd": round(decode_sd, 2), "prefill_tok_s_sd": round(prefill_sd, 1),
+        "ttft_s_sd": round(ttft_sd, 4), "decode_tokens": decode, "prefill_tokens": prefill,
+        "ttft_prompt_tokens": min(TTFT_PROMPT, prefill), "reps": reps, "ceiling_fraction": round(decode_s / ceiling, 3),
+        "bytes_per_token": per_token, "bandwidth_gb_s": round(spec["bandwidth"] / 1e9, 2),
+        "rss_mb": round(current_rss() / 1e6, 1), "planned_peak_mb": round(plan["peak"] / 1e6, 1),
+        "planned_running_mb": round(plan["running"] / 1e6, 1), "load_s": round(load_s, 2),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Every precision, each in a fresh process
+
+
+def bench(model: str | None = None, shape: str | None = None, precisions=DEFAULT_PRECISIONS, group_size=None,
+          prefill: int = 512, decode: int = 128, reps: int = 3, threads: int | None = None, log=print) -> list[dict]:
+    if shape is not None and shape not in SHAPES:
+        raise LlmosError(f"unknown shape {shape!r}; use {' or '.join(SHAPES)}")
+    if model and shape:
+        raise LlmosError("pass a MODEL or --shape, not both")
+    for p in precisions:
+        if p not in quant.PRECISIONS:
+            raise LlmosError(f"unknown precision {p!r}; use some of {', '.join(quant.PRECISIONS)}")
+    if min(prefill, decode, reps) < 1:
+        raise LlmosError("--prefill, --decode and --reps must be at least 1")
+    if threads:
+        torch.set_num_threads(threads)
+    bw = bandwidth()
+    log(f"read bandwidth {bw / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
+    log(HEADER)
+    records = []
+    for p in precisions:
+        spec = dict(model=None if shape else (model or "default"), shape=shape, precision=p, group_size=group_size,
+                    prefill=prefill, decode=decode, reps=reps, threads=threads or torch.get_num_threads(), bandwidth=bw)
+        out = subprocess.run([sys.executable, "-m", "llmos.bench", json.dumps(spec)], capture_output=True, text=True)
+        if out.returncode:
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            raise LlmosError(f"bench of {p} failed: {last}")
+        records.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        log(row(records[-1]))
+    return records
+
+
+HEADER = f"{'precision':<10}{'decode tok/s':>16}{'prefill tok/s':>18}{'ttft s':>9}{'peak MB':>10}{'planned':>9}{'ceiling':>9}"
+
+
+def row(r: dict) -> str:
+    return (f"{r['precision']:<10}{r['decode_tok_s']:>9.1f} ± {r['decode_tok_s_sd']:<4.1f}"
+            f"{r['prefill_tok_s']:>11.0f} ± {r['prefill_tok_s_sd']:<5.0f}{r['ttft_s']:>9.3f}"
+            f"{r['peak_rss_mb']:>10.0f}{r['planned_peak_mb']:>9.0f}{r['ceiling_tok_s']:>9.1f}")
+
+
+def write_json(records, out) -> None:
+    """Atomically: a temporary file beside OUT, then renamed over it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(records, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def cmd_bench(args) -> int:
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    def log(line: str) -> None:
+        print(line, file=sys.stderr if line.startswith("read") else sys.stdout, flush=True)
+
+    records = bench(args.model, args.shape, precisions, args.group_size, args.prefill, args.decode, args.reps,
+                    args.threads, log=log)
+    if args.json:
+        write_json(records, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    """The child process: one precision, its record as JSON on the last line of stdout."""
+    spec = json.loads((argv or sys.argv[1:])[0])
+    try:
+        print(json.dumps(run_one(spec)), flush=True)
+    except LlmosError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

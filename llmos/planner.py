@@ -1,0 +1,438 @@
+"""Memory planner: how much RAM or VRAM a model needs, and whether it fits here.
+
+    llmos fit MODEL [--ctx N] [--quant f32|f16|bf16|int8|int4] [--batch B] [--train none|full|lora]
+    llmos fit 7b --quant int4          # a size instead of a file: 135m, 1.1b, 7b, 13b, 30b, 70b, 175b
+    llmos fit --table                  # 7B to 175B at fp32, fp16, int8, int4: weights + KV cache at 4k context
+
+Every number is bytes counted from the config, the way llmos lays the model out in memory:
+
+    weights      float: params x 2 or 4 B. int8/int4: the block's linear layers as llmos.quant stores
+                 them (int8 + a bf16 scale per row; int4 + a bf16 scale and zero per group), the
+                 embedding, norms and head in bfloat16 (the dtype quantized models compute in)
+    KV cache     n_layers x 2 x n_kv_heads x head_dim x ctx x batch x (4 B for f32, else 2 B)
+    activations  the prefill of a whole-context prompt: the engine computes logits for every prompt
+                 position ([batch, ctx, vocab] in the compute dtype) and keeps only the last; or the
+                 MLP's three [batch, ctx, hidden] tensors, whichever is larger, plus the residual stream
+    runtime      python + torch + llmos imported, measured once on this machine (RUNTIME_BYTES), and
+                 the tokenizer (about 0.5 KB per vocabulary entry, measured on SmolLM2's 49,152)
+    loading      reading a file holds the state dict as read (GGUF and llama2.c: float32, dequantized;
+                 Hugging Face: as stored) and the file's pages while it is mapped; for GGUF also the
+                 dequantizer's temporaries and the parsed metadata. The peak is the larger of loading
+                 and running.
+
+Training (full): weights and gradients in the float dtype, AdamW's two float32 states, and the
+activations autograd keeps, about 14 x dim + 4 x kv_dim + 4 x hidden values per layer per token
+(norms, q/k/v, rope, attention, MLP) plus the logits three times (logits, log-softmax, gradient).
+LoRA: the frozen base at --quant, rank-8 adapters on every linear layer of the blocks (each
+parameter with its gradient and AdamW states), and the same activations.
+
+Checked against measured peak resident memory (bench/README.md has the numbers and command).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmos.errors import LlmosError
+from llmos.model import Config
+
+PRECISIONS = ("f32", "f16", "bf16", "int8", "int4")
+FLOAT_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "int8": 2, "int4": 2}  # the compute dtype of each precision
+# Measured: resident memory of `python -c "import torch, llmos.registry, llmos.engine, llmos.quant"`
+# (torch 2.13 CPU, Linux x86-64): 238 MB; the tokenizer of a 49,152-token vocabulary added 25 MB.
+RUNTIME_BYTES = 238_000_000
+TOKENIZER_BYTES_PER_ENTRY = 512
+# Measured: parsing a GGUF file's metadata (vocabulary and merges as python objects) held 64 MB more
+# than the finished tokenizer, for 49,152 entries, while the file was read.
+GGUF_FIELDS_BYTES_PER_ENTRY = 1300
+LORA_RANK = 8
+
+# Named sizes: Llama-2 7B/13B/70B, LLaMA-1 30B (33B), a GPT-3-sized Llama, and the bench shapes.
+SIZES = {
+    "135m": Config(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                   max_seq_len=8192, tie_embeddings=True),
+    "1.1b": Config(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+                   max_seq_len=2048),
+    "7b": Config(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
+    "13b": Config(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, max_seq_len=4096),
+    "30b": Config(vocab_size=32000, dim=6656, n_layers=60, n_heads=52, hidden_dim=17920, max_seq_len=2048),
+    "70b": Config(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                  max_seq_len=4096),
+    "175b": Config(vocab_size=50257, dim=12288, n_layers=96, n_heads=96, hidden_dim=32768, max_seq_len=2048),
+}
+ALIASES = {"smollm2-135m": "135m", "tinyllama-1.1b": "1.1b"}
+TABLE_SIZES = ("7b", "13b", "30b", "70b", "175b")
+TABLE_PRECISIONS = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}  # bytes per parameter in the table
+GPUS = (8, 12, 16, 24, 40, 48, 80)  # common VRAM sizes, GB
+
+# ----------------------------------------------------------------------------
+# Bytes of each part
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise LlmosError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def linear_shapes(cfg: Config) -> list[tuple[int, int, bool]]:
+    """(out, in, has_bias) of every linear layer of the blocks (what llmos.quant quantizes)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    b = cfg.qkv_bias
+    layer = [(q, cfg.dim, b), (kv, cfg.dim, b), (kv, cfg.dim, b), (cfg.dim, q, False),
+             (cfg.hidden_dim, cfg.dim, False), (cfg.hidden_dim, cfg.dim, False), (cfg.dim, cfg.hidden_dim, False)]
+    return layer * cfg.n_layers
+
+
+def weight_bytes(cfg: Config, precision: str, group_size: int = 32) -> int:
+    """Bytes of the parameters in memory (and on disk, for llmos quantize's files)."""
+    check_precision(precision)
+    params = cfg.num_params()
+    if precision in ("f32", "f16", "bf16"):
+        return params * FLOAT_BYTES[precision]
+    linear_params, qbytes = 0, 0
+    for out, width, bias in linear_shapes(cfg):
+        linear_params += out * width
+        if precision == "int8":
+            qbytes += out * width + out * 2  # int8 weights, one bf16 scale per row
+        else:
+            qbytes += out * width // 2 + out * (width // group_size) * 4  # 4-bit weights, bf16 scale + zero per group
+    return qbytes + (params - linear_params) * 2  # the rest (embedding, norms, head, biases) in bfloat16
+
+
+def bytes_per_token(cfg: Config, precision: str, group_size: int = 32) -> int:
+    """Weight bytes a batch-1 decode step reads: every layer and the head; of an untied
+    embedding only one row. The bandwidth ceiling is bandwidth / this."""
+    total = weight_bytes(cfg, precision, group_size)
+    if cfg.tie_embeddings:
+        return total  # the embedding is read whole, as the head
+    return total - (cfg.vocab_size - 1) * cfg.dim * FLOAT_BYTES[precision]
+
+
+def kv_bytes(cfg: Config, ctx: int, batch: int = 1, precision: str = "f32") -> int:
+    return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * ctx * batch * FLOAT_BYTES[precision]
+
+
+def activation_bytes(cfg: Config, tokens: int, batch: int = 1, precision: str = "f32") -> int:
+    """Peak activations of a prefill of `tokens` tokens per row (the engine computes logits for every
+    prompt position, then keeps the last): the residual stream and its normed copy, plus the largest
+    of the logits, the MLP's three hidden-width tensors and attention's q, repeated k/v and output."""
+    b, n = FLOAT_BYTES[precision], batch * tokens
+    q = cfg.n_heads * cfg.head_dim
+    widest = max(cfg.vocab_size, 3 * cfg.hidden_dim, 4 * q)
+    return n * b * (2 * cfg.dim + widest) + batch * cfg.vocab_size * 4  # + the last position in float32
+
+
+def runtime_bytes(cfg: Config, tokenizer: bool = True) -> int:
+    return RUNTIME_BYTES + cfg.vocab_size * TOKENIZER_BYTES_PER_ENTRY * tokenizer
+
+
+# ----------------------------------------------------------------------------
+# Where a model comes from: its config and what loading it costs
+
+
+@dataclass
+class Source:
+    name: str
+    config: Config
+    format: str  # "gguf" | "hf" | "llama2c" | "llmos-int8" | "llmos-int4" | "size" | "random" (built in memory)
+    file_bytes: int = 0  # the largest file mapped at once while reading
+    read_bytes: int = 0  # the state dict as the reader returns it
+    temporary: int = 0  # bytes the reader holds beside the state dict at its peak
+    precision: str | None = None  # what the file stores, when it is one of PRECISIONS
+    tokenizer: bool = True  # loaded with the model (random-weight benchmark models have none)
+    group_size: int | None = None  # of an int4 file
+
+
+def source(name: str) -> Source:
+    """Config and loading facts of a model name, a path, or a size like "7b"; reads headers only."""
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key in SIZES:
+        return Source(key, SIZES[key], "size")
+    from llmos import quant, registry
+
+    try:
+        path = registry.resolve(name)
+    except LlmosError as e:
+        if re.fullmatch(r"[\d.]+[mb]", key):
+            raise LlmosError(f"unknown size {name!r}; name a model file or one of {', '.join(SIZES)}") from None
+        raise e
+    if path.is_dir() and quant.is_quantized_dir(path):
+        from llmos.formats import hf
+
+        config = hf.read_json(path / "config.json")
+        q = config.pop("quantization_config")
+        cfg, _ = hf.config_from_hf(config, path / "config.json")
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        return Source(path.name, cfg, f"llmos-{q['scheme']}", size, size, 0, q["scheme"], group_size=q.get("group_size"))
+    if path.is_dir():
+        return hf_source(path)
+    if path.suffix != ".bin":
+        from llmos.formats import gguf
+
+        reader, fields = gguf.open_gguf(path)
+        arch = fields.get("general.architecture")
+        tensors = {t.name: t for t in reader.tensors}
+        if arch not in gguf.ARCHS:
+            raise LlmosError(f"{path}: GGUF architecture {arch!r} is not supported; llmos runs 'llama' and 'qwen2' files")
+        cfg = gguf.read_config(fields, arch, tensors, path)
+        kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
+        stored = {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(kinds.pop()) if len(kinds) == 1 else None
+        temporary = max(gguf_temporary(t) for t in reader.tensors) + cfg.vocab_size * GGUF_FIELDS_BYTES_PER_ENTRY
+        return Source(path.name, cfg, "gguf", path.stat().st_size, cfg.num_params() * 4, temporary, stored)
+    from llmos.formats import read_checkpoint  # llama2.c: the header gives the config
+
+    ckpt = read_checkpoint(path, weights=False)
+    return Source(path.name, ckpt.config, "llama2c", path.stat().st_size, cfg_bytes(ckpt.config, 4), 0, "f32")
+
+
+def hf_source(path: Path) -> Source:
+    from llmos.formats import hf
+
+    cfg, _ = hf.config_from_hf(hf.read_json(path / "config.json"), path / "config.json")
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    dtypes, read = set(), 0
+    for f in files:
+        if f.suffix == ".safetensors":  # the header says every tensor's dtype and byte range
+            from llmos.quant import safetensors_header
+
+            for k, v in safetensors_header(f).items():
+                if k != "__metadata__":
+                    read += v["data_offsets"][1] - v["data_offsets"][0]
+                    dtypes.add(v["dtype"])
+        else:
+            read += f.stat().st_size
+    stored = {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(dtypes.pop()) if len(dtypes) == 1 else None
+    biggest = max((f.stat().st_size for f in files), default=0)
+    return Source(path.name, cfg, "hf", biggest, read or cfg_bytes(cfg, 2), 0, stored)
+
+
+def gguf_temporary(t) -> int:
+    """Bytes llmos.formats.gguf holds beside a tensor's float32 result while dequantizing it: nothing
+    for F32 (copied from the mapped file), a whole float32 array for F16/BF16, and for block types
+    a few float32 arrays of 64k blocks (it dequantizes 64k blocks at a time)."""
+    import gguf
+
+    n, kind = int(t.n_elements), t.tensor_type.name
+    if kind == "F32":
+        return 0
+    if kind in ("F16", "BF16"):
+        return n * 4
+    block = gguf.GGML_QUANT_SIZES[t.tensor_type][0]
+    return min(n, (1 << 16) * block) * 4 * 3
+
+
+def cfg_bytes(cfg: Config, per_param: float) -> int:
+    return int(cfg.num_params() * per_param)
+
+
+def loading_bytes(src: Source, precision: str, group_size: int = 32) -> int:
+    """Peak bytes above the runtime while llmos.quant.load_precision reads and converts the model:
+    the state dict as read, the mapped file, the reader's temporary; quantizing then works one layer
+    at a time (float32 temporaries and an int32 unpacking of the largest layer)."""
+    if src.format == "size":
+        return 0  # no file to read: the plan covers running only
+    peak = src.read_bytes + src.file_bytes + src.temporary
+    if precision in ("int8", "int4") and not src.format.startswith("llmos"):
+        peak += max(o * i for o, i, _ in linear_shapes(src.config)) * 12
+    return peak
+
+
+# ----------------------------------------------------------------------------
+# Plans
+
+
+def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: int = 1, train: str = "none",
+         prompt: int | None = None, group_size: int = 32) -> dict:
+    """Bytes of every part and the peak, for inference (train="none") or training ("full", "lora").
+    prompt: tokens of the prefill (default: the whole context, the worst case)."""
+    src = cfg_or_source if isinstance(cfg_or_source, Source) else Source("model", cfg_or_source, "size")
+    cfg = src.config
+    check_precision(precision)
+    if train not in ("none", "full", "lora"):
+        raise LlmosError(f"unknown training mode {train!r}; use none, full or lora")
+    ctx = min(cfg.max_seq_len, 4096) if ctx is None else ctx
+    if ctx < 1 or batch < 1:
+        raise LlmosError(f"context and batch must be at least 1, got --ctx {ctx} --batch {batch}")
+    if ctx > cfg.max_seq_len:
+        raise LlmosError(f"--ctx {ctx} exceeds {src.name}'s context limit of {cfg.max_seq_len} tokens; pass --ctx {cfg.max_seq_len} or less")
+    if train == "full" and precision in ("int8", "int4"):
+        raise LlmosError("full training needs float weights; use --quant f32|bf16, or --train lora on a quantized base")
+    parts = {"weights": weight_bytes(cfg, precision, group_size), "kv_cache": 0, "activations": 0,
+             "gradients": 0, "optimizer": 0, "runtime": runtime_bytes(cfg, src.tokenizer)}
+    b = FLOAT_BYTES[precision]
+    if train == "none":
+        parts["kv_cache"] = kv_bytes(cfg, ctx, batch, precision)
+        parts["activations"] = activation_bytes(cfg, min(prompt or ctx, ctx), batch, precision)
+    else:
+        trained = cfg.num_params() if train == "full" else sum(LORA_RANK * (o + i) for o, i, _ in linear_shapes(cfg))
+        tb = b if train == "full" else 4  # LoRA adapters are float32 (llmos.train.lora: the base's dtype, f32 on CPU)
+        parts["weights"] += 0 if train == "full" else trained * tb
+        parts["gradients"] = trained * tb
+        parts["optimizer"] = trained * 8  # AdamW: exp_avg and exp_avg_sq in float32
+        per_token = cfg.n_layers * (14 * cfg.dim + 4 * cfg.n_kv_heads * cfg.head_dim + 4 * cfg.hidden_dim) * b
+        parts["activations"] = batch * ctx * (per_token + cfg.vocab_size * (b + 8))
+    running = sum(parts.values())
+    loading = parts["runtime"] + loading_bytes(src, precision, group_size)
+    return {"model": src.name, "params": cfg.num_params(), "precision": precision, "group_size": group_size
+            if precision == "int4" else None, "ctx": ctx, "batch": batch, "train": train, "prompt": prompt or ctx,
+            "source": src.format, **parts, "running": running, "loading": loading, "peak": max(running, loading)}
+
+
+# ----------------------------------------------------------------------------
+# This machine
+
+
+def machine() -> dict:
+    """RAM total and available, and each CUDA GPU's total and free memory, in bytes."""
+    ram_total = ram_free = 0
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        ram_total = int(info["MemTotal"].split()[0]) * 1024
+        ram_free = int(info.get("MemAvailable", info["MemFree"]).split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            ram_total = ram_free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    gpus = []
+    import torch
+
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append({"name": torch.cuda.get_device_name(i), "total": total, "free": free})
+    return {"ram_total": ram_total, "ram_available": ram_free, "gpus": gpus}
+
+
+def advice(p: dict, src_or_cfg, here: dict) -> list[str]:
+    """Whether the plan fits this machine, and if not, by how much and what would."""
+    cfg = src_or_cfg.config if isinstance(src_or_cfg, Source) else src_or_cfg
+    need, ram = p["peak"], here["ram_available"]
+    lines = []
+    gpu = max(here["gpus"], key=lambda g: g["free"], default=None)
+    if gpu:
+        if p["running"] <= gpu["free"]:
+            lines.append(f"fits on the GPU ({gpu['name']}): {gb(p['running'])} of {gb(gpu['free'])} free VRAM")
+        else:
+            layer = (p["weights"] + p["kv_cache"]) / cfg.n_layers
+            fixed = p["activations"] + 500e6  # CUDA context and kernels' workspace, roughly
+            n = max(0, min(cfg.n_layers, int((gpu["free"] - fixed) // layer)))
+            lines.append(f"does not fit on the GPU: {gb(p['running'])} needed, {gb(gpu['free'])} free VRAM "
+                         f"({gb(p['running'] - gpu['free'])} short); about {n} of {cfg.n_layers} layers fit: "
+                         f"--gpu-layers {n} keeps the rest in RAM")
+    else:
+        lines.append("no CUDA GPU: runs on the CPU, in RAM")
+    if need <= ram:
+        lines.append(f"fits in RAM: {gb(need)} of {gb(ram)} available ({gb(here['ram_total'])} total)")
+        return lines
+    lines.append(f"does not fit in RAM: needs {gb(need)}, {gb(ram)} available ({gb(need - ram)} short)")
+    if p["train"] == "full":
+        lora = plan(src_or_cfg, p["precision"], p["ctx"], p["batch"], "lora", group_size=p["group_size"] or 32)
+        lines.append(f"  --train lora needs {gb(lora['peak'])}" + (" and fits" if lora["peak"] <= ram else ""))
+    smallest = None
+    for q in ("bf16", "int8", "int4"):
+        if p["train"] == "full" and q.startswith("int"):
+            continue
+        other = plan(src_or_cfg, q, p["ctx"], p["batch"], p["train"], group_size=p["group_size"] or 32)
+        if other["weights"] >= p["weights"]:
+            continue  # not smaller than what was asked
+        smallest = other
+        fits = other["peak"] <= ram
+        lines.append(f"  --quant {q} needs {gb(other['peak'])}" + (" and fits" if fits else f" ({gb(other['peak'] - ram)} short)"))
+        if fits:
+            return lines
+    least = smallest or p  # the smallest precision tried: would a shorter context make it fit?
+    scalable = least["kv_cache"] + least["activations"]  # both grow linearly with the context
+    if scalable > least["peak"] - ram > 0:
+        shorter = int(least["ctx"] * (1 - (least["peak"] - ram) / scalable)) // 256 * 256
+        if shorter >= 256:
+            fit = plan(src_or_cfg, least["precision"], shorter, p["batch"], p["train"], group_size=p["group_size"] or 32)
+            if fit["peak"] <= ram:
+                lines.append(f"  --quant {least['precision']} --ctx {shorter} needs {gb(fit['peak'])} and fits")
+                return lines
+    lines.append(f"  nothing smaller fits here: this needs a machine with at least {gb(least['peak'])} of free RAM"
+                 + (" or a GPU (--gpu-layers)" if p["train"] == "none" else ""))
+    return lines
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+# ----------------------------------------------------------------------------
+# The table: 7B to 175B at fp32, fp16, int8, int4
+
+
+def table(ctx: int = 4096) -> list[dict]:
+    """One row per size and precision: weights = nominal parameters x bytes per parameter, KV cache at
+    `ctx` tokens in fp32 for the fp32 row and fp16 otherwise, and the smallest common GPU holding both."""
+    rows = []
+    for size in TABLE_SIZES:
+        cfg, params = SIZES[size], int(float(size[:-1]) * 1e9)
+        for name, per in TABLE_PRECISIONS.items():
+            w = int(params * per)
+            kv = kv_bytes(cfg, ctx, 1, "f32" if name == "fp32" else "f16")
+            total = w + kv
+            gpu = next((f"{g} GB" for g in GPUS if total <= g * 1e9 * 0.9), None)  # 10% for CUDA and activations
+            gpu = gpu or f"{-(-total // int(80e9 * 0.9))} x 80 GB"
+            rows.append({"size": size.upper(), "precision": name, "weights": w, "kv_cache": kv, "total": total,
+                         "gpu": gpu})
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# llmos fit
+
+
+def describe(p: dict, cfg: Config) -> list[str]:
+    f = FLOAT_BYTES[p["precision"]]
+    what = {
+        "weights": f"{p['precision']}" + (" layers" if p["precision"].startswith("int") else "")
+        + (f" (groups of {p['group_size']})" if p["group_size"] else "")
+        + (", bf16 embedding, norms and head" if p["precision"].startswith("int") else "")
+        + (f" + rank-{LORA_RANK} LoRA adapters" if p["train"] == "lora" else ""),
+        "kv_cache": f"{cfg.n_layers} layers x 2 x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x {p['ctx']} tokens"
+                    f" x {p['batch']} x {f} B",
+        "activations": (f"prefill of {p['prompt']} tokens: logits {p['prompt']} x {cfg.vocab_size} x {f} B and the residual stream"
+                        if p["train"] == "none" else f"kept for the backward pass, {p['ctx']} tokens x {p['batch']}"),
+        "gradients": "one per trained parameter",
+        "optimizer": "AdamW: two float32 states per trained parameter",
+        "runtime": f"python + torch + llmos {gb(RUNTIME_BYTES)} (measured) and the tokenizer",
+    }
+    lines = [f"{k:<13} {gb(p[k]):>10}   {what[k]}" for k in what if p[k]]
+    lines.append(f"{'running':<13} {gb(p['running']):>10}")
+    if p["source"] != "size":
+        lines.append(f"{'loading':<13} {gb(p['loading']):>10}   reading the {p['source']} file (freed before running)")
+    lines.append(f"{'peak':<13} {gb(p['peak']):>10}")
+    return lines
+
+
+def cmd_fit(args) -> int:
+    if args.table:
+        print(f"{'size':<6}{'precision':<11}{'weights':>11}{'KV @ ' + str(args.ctx or 4096):>12}{'total':>11}   smallest GPU")
+        for r in table(args.ctx or 4096):
+            print(f"{r['size']:<6}{r['precision']:<11}{gb(r['weights']):>11}{gb(r['kv_cache']):>12}{gb(r['total']):>11}   {r['gpu']}")
+        return 0
+    if args.model is None:
+        raise LlmosError("name a model (a file, a directory, a name, or a size like 7b), or pass --table")
+    src = source(args.model)
+    precision = args.quant or src.precision or "f32"
+    if src.format.startswith("llmos") and precision != src.precision:
+        raise LlmosError(f"{args.model} is quantized to {src.precision}; plan it as --quant {src.precision}")
+    p = plan(src, precision, args.ctx, args.batch, args.train, group_size=args.group_size or src.group_size or 32)
+    here = machine()
+    if args.json:
+        print(json.dumps({**p, "machine": here, "advice": advice(p, src, here)}, indent=2))
+        return 0
+    cfg = src.config
+    kind = "inference" if p["train"] == "none" else f"{p['train']} training"
+    print(f"{src.name}: {cfg.num_params() / 1e6:,.1f}M parameters, {cfg.n_layers} layers, width {cfg.dim}; "
+          f"{precision}, context {p['ctx']}, batch {p['batch']}, {kind}")
+    for line in describe(p, cfg) + advice(p, src, here):
+        print(line)
+    return 0

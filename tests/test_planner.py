@@ -1,0 +1,225 @@
+"""Memory planner: byte counts worked out by hand, checked against the tensors llmos really makes,
+the 7B-175B table, fit advice, and bad input.
+
+    OMP_NUM_THREADS=1 pytest tests/test_planner.py -q
+"""
+
+from argparse import Namespace
+
+import pytest
+
+from llmos import planner, quant
+from llmos.errors import LlmosError
+from llmos.model import Config, Transformer
+
+# 2 layers, width 64, 4 heads of 16 (2 kv heads: kv width 32), MLP 128, vocabulary 100, untied.
+# Per layer: wq 64x64 = 4096, wk 32x64 = 2048, wv 2048, wo 4096, w1 = w3 = 128x64 = 8192, w2 8192,
+# two norms 128: 36,992. Total: embed 6,400 + 2 x 36,992 + norm 64 + head 6,400 = 86,848.
+CFG = Config(vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
+PARAMS = 86_848
+LINEAR = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)  # 73,728 weights in the blocks' linear layers
+ROWS = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # 1,024 output rows
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_params_by_hand():
+    assert CFG.num_params() == PARAMS
+
+
+def test_float_weights_by_hand():
+    assert planner.weight_bytes(CFG, "f32") == PARAMS * 4 == 347_392
+    assert planner.weight_bytes(CFG, "bf16") == planner.weight_bytes(CFG, "f16") == 173_696
+    model = Transformer(CFG)
+    assert planner.weight_bytes(CFG, "f32") == nbytes(model.state_dict().values())
+
+
+def test_int8_weights_by_hand_and_as_quantized():
+    # int8 weights + a bf16 scale per row; the other 13,120 parameters in bf16
+    expected = LINEAR + ROWS * 2 + (PARAMS - LINEAR) * 2
+    assert expected == 102_016
+    assert planner.weight_bytes(CFG, "int8") == expected
+    sd = quant.quantize_state_dict(Transformer(CFG).state_dict(), CFG, "int8")
+    assert nbytes(sd.values()) == expected
+
+
+@pytest.mark.parametrize("group_size,groups", [(32, 2 * (64 * 2 + 32 * 2 * 2 + 64 * 2 + 128 * 2 * 2 + 64 * 4)),
+                                                (64, 2 * (64 + 32 * 2 + 64 + 128 * 2 + 64 * 2))])
+def test_int4_weights_by_hand_and_as_quantized(group_size, groups):
+    # half a byte per weight + a bf16 scale and zero per group of inputs
+    expected = LINEAR // 2 + groups * 4 + (PARAMS - LINEAR) * 2
+    assert planner.weight_bytes(CFG, "int4", group_size) == expected
+    assert planner.weight_bytes(CFG, "int4", 32) == 72_320
+    sd = quant.quantize_state_dict(Transformer(CFG).state_dict(), CFG, "int4", group_size)
+    assert nbytes(sd.values()) == expected
+
+
+def test_kv_cache_by_hand_and_as_allocated():
+    # 2 layers x (k, v) x 2 kv heads x 16 x 10 positions x 3 sequences x 4 bytes
+    assert planner.kv_bytes(CFG, 10, 3, "f32") == 2 * 2 * 2 * 16 * 10 * 3 * 4 == 15_360
+    assert planner.kv_bytes(CFG, 10, 3, "bf16") == planner.kv_bytes(CFG, 10, 3, "int4") == 7_680
+    cache = Transformer(CFG).new_cache(3, 10)
+    assert nbytes([cache.k, cache.v]) == 15_360
+
+
+def test_activations_by_hand():
+    # 10 tokens: residual + normed copy (2 x 64) and the widest of logits 100, MLP 3 x 128, attention 4 x 64,
+    # in float32, plus the last position's logits in float32
+    assert planner.activation_bytes(CFG, 10, 1, "f32") == 10 * 4 * (2 * 64 + 384) + 100 * 4 == 20_880
+    # a 49,152-token vocabulary: the logits of every prompt position dominate
+    big = Config(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536)
+    assert planner.activation_bytes(big, 512, 1, "bf16") == 512 * 2 * (2 * 576 + 49152) + 49152 * 4
+
+
+def test_bytes_per_token_reads_the_head_not_the_embedding():
+    # untied: one embedding row, not the table; tied: the table is read whole, as the head
+    assert planner.bytes_per_token(CFG, "f32") == (PARAMS - 99 * 64) * 4
+    tied = Config(**{**CFG.to_dict(), "tie_embeddings": True})
+    assert planner.bytes_per_token(tied, "bf16") == planner.weight_bytes(tied, "bf16") == (PARAMS - 6400) * 2
+
+
+def test_plan_adds_up():
+    p = planner.plan(CFG, "int4", ctx=32, batch=2)
+    assert p["kv_cache"] == planner.kv_bytes(CFG, 32, 2, "int4")
+    assert p["activations"] == planner.activation_bytes(CFG, 32, 2, "int4")
+    assert p["running"] == p["weights"] + p["kv_cache"] + p["activations"] + p["runtime"]
+    assert p["peak"] == max(p["running"], p["loading"]) and p["gradients"] == p["optimizer"] == 0
+
+
+def test_training_plans():
+    full = planner.plan(CFG, "f32", ctx=16, train="full")
+    assert full["gradients"] == PARAMS * 4 and full["optimizer"] == PARAMS * 8 and full["kv_cache"] == 0
+    per_token = 2 * (14 * 64 + 4 * 32 + 4 * 128) * 4 + 100 * (4 + 8)
+    assert full["activations"] == 16 * per_token
+    lora = planner.plan(CFG, "int4", ctx=16, train="lora")
+    adapters = 2 * 8 * sum(o + i for o, i in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)])
+    assert lora["gradients"] == adapters * 4 and lora["optimizer"] == adapters * 8
+    assert lora["weights"] == planner.weight_bytes(CFG, "int4") + adapters * 4
+
+
+# ----------------------------------------------------------------------------
+# The table and the named sizes
+
+
+def test_table_rows():
+    rows = {(r["size"], r["precision"]): r for r in planner.table()}
+    assert len(rows) == 5 * 4
+    assert rows["7B", "fp16"]["weights"] == 7e9 * 2
+    assert rows["7B", "fp32"]["weights"] == 7e9 * 4 and rows["70B", "int4"]["weights"] == 35e9
+    assert rows["175B", "int8"]["weights"] == 175e9
+    # Llama-2 7B: 32 layers x 2 x 4096 (32 heads of 128) x 4096 tokens x 2 bytes = 2 GiB; fp32 twice that
+    assert rows["7B", "fp16"]["kv_cache"] == 32 * 2 * 4096 * 4096 * 2 == 2 * 1024**3
+    assert rows["7B", "fp32"]["kv_cache"] == 4 * 1024**3
+    # Llama-2 70B has 8 kv heads: an eighth of the cache per layer
+    assert rows["70B", "fp16"]["kv_cache"] == 80 * 2 * 8 * 128 * 4096 * 2
+    assert rows["7B", "int4"]["total"] == 3.5e9 + 2 * 1024**3
+    assert rows["7B", "fp16"]["gpu"] == "24 GB" and rows["70B", "int4"]["gpu"] == "48 GB"
+    assert rows["175B", "fp16"]["gpu"] == "6 x 80 GB"
+
+
+def test_named_sizes_have_the_published_parameter_counts():
+    assert planner.SIZES["7b"].num_params() == 6_738_415_616  # Llama-2-7b
+    assert planner.SIZES["13b"].num_params() == 13_015_864_320  # Llama-2-13b
+    assert planner.SIZES["70b"].num_params() == 68_976_648_192  # Llama-2-70b
+    assert planner.SIZES["1.1b"].num_params() == 1_100_048_384  # TinyLlama-1.1B
+    assert planner.SIZES["135m"].num_params() == 134_515_008  # SmolLM2-135M
+    assert abs(planner.SIZES["175b"].num_params() / 175e9 - 1) < 0.01
+
+
+def test_source_of_a_size_and_of_a_directory(tmp_path):
+    from llmos.formats import Checkpoint, hf
+
+    assert planner.source("7B").config == planner.SIZES["7b"]
+    assert planner.source("tinyllama-1.1b").format == "size"
+    with pytest.raises(LlmosError, match="unknown size '3b'"):
+        planner.source("3b")
+    sd = Transformer(CFG).state_dict()
+    hf.write(Checkpoint(CFG, sd, None, {}), tmp_path / "m", "bf16")
+    src = planner.source(str(tmp_path / "m"))
+    assert src.config == CFG and src.format == "hf" and src.precision == "bf16"
+    assert src.read_bytes == PARAMS * 2  # from the safetensors header, without reading the weights
+    p = planner.plan(src, "bf16", ctx=16)
+    assert p["loading"] == p["runtime"] + PARAMS * 2 + (tmp_path / "m" / "model.safetensors").stat().st_size
+
+
+# ----------------------------------------------------------------------------
+# Advice and the command
+
+
+def fake_machine(ram, gpus=()):
+    return {"ram_total": ram, "ram_available": ram, "gpus": list(gpus)}
+
+
+def test_advice_fits_and_misses():
+    p = planner.plan(CFG, "f32", ctx=64)
+    assert any(line.startswith("fits in RAM") for line in planner.advice(p, CFG, fake_machine(10**12)))
+    seven = planner.SIZES["7b"]
+    p = planner.plan(seven, "f32", ctx=4096)
+    lines = planner.advice(p, seven, fake_machine(8 * 10**9))
+    short = p["peak"] - 8 * 10**9
+    assert f"({planner.gb(short)} short)" in lines[1] and "does not fit in RAM" in lines[1]
+    assert lines[-1].startswith("  --quant int4") and lines[-1].endswith("and fits")
+    # a GPU too small for the model: how many layers would fit
+    gpu = {"name": "test GPU", "total": 8 * 10**9, "free": 8 * 10**9}
+    lines = planner.advice(p, seven, fake_machine(10**12, [gpu]))
+    assert "does not fit on the GPU" in lines[0] and "--gpu-layers" in lines[0]
+
+
+def test_machine_reports_ram():
+    here = planner.machine()
+    assert here["ram_total"] >= here["ram_available"] > 0
+    assert here["gpus"] == [] or here["gpus"][0]["total"] > 0
+
+
+def test_fit_command(capsys):
+    args = dict(model=None, ctx=None, quant=None, batch=1, train="none", group_size=None, table=False, json=False)
+    assert planner.cmd_fit(Namespace(**{**args, "table": True})) == 0
+    out = capsys.readouterr().out
+    assert "7B    fp16          14.00 GB     2.15 GB" in out
+    assert planner.cmd_fit(Namespace(**{**args, "model": "7b", "quant": "int4"})) == 0
+    out = capsys.readouterr().out
+    assert "7b: 6,738.4M parameters" in out and "int4 layers (groups of 32), bf16 embedding" in out and "peak" in out
+
+
+def test_bad_input():
+    with pytest.raises(LlmosError, match="unknown precision 'q4_0'"):
+        planner.plan(CFG, "q4_0")
+    with pytest.raises(LlmosError, match="full training needs float weights"):
+        planner.plan(CFG, "int4", train="full")
+    with pytest.raises(LlmosError, match="at least 1"):
+        planner.plan(CFG, "f32", ctx=0)
+    with pytest.raises(LlmosError, match="--ctx 65 exceeds model's context limit of 64 tokens"):
+        planner.plan(CFG, "f32", ctx=65)
+    with pytest.raises(LlmosError, match="name a model"):
+        planner.cmd_fit(Namespace(model=None, ctx=None, quant=None, batch=1, train="none", group_size=None,
+                                  table=False, json=False))
+
+
+# ----------------------------------------------------------------------------
+# The bench that checks the planner (llmos bench): one record, in this process
+
+
+def test_bench_record(tmp_path):
+    from llmos import bench
+    from llmos.formats import Checkpoint, hf
+
+    hf.write(Checkpoint(CFG, Transformer(CFG).state_dict(), None, {}), tmp_path / "m", "f32")
+    spec = dict(model=str(tmp_path / "m"), shape=None, precision="int4", group_size=32, prefill=8, decode=4,
+                reps=2, threads=1, bandwidth=10e9)
+    r = bench.run_one(spec)
+    for key in ("precision", "decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss_mb", "ceiling_tok_s"):
+        assert key in r
+    assert r["precision"] == "int4" and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_s"] > 0
+    assert r["ceiling_tok_s"] == round(10e9 / planner.bytes_per_token(CFG, "int4"), 1)
+    assert r["peak_rss_mb"] >= r["rss_mb"] > 100 and r["planned_peak_mb"] > 0
+    bench.write_json([r], tmp_path / "out" / "r.json")
+    import json
+
+    assert json.loads((tmp_path / "out" / "r.json").read_text())[0]["precision"] == "int4"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["r.json"]  # no temporary left behind
+    with pytest.raises(LlmosError, match="unknown shape"):
+        bench.bench(shape="gpt2")
+    with pytest.raises(LlmosError, match="unknown precision 'int2'"):
+        bench.bench(shape="smollm2-135m", precisions=["int2"])
