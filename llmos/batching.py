@@ -45,8 +45,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from llmos.engine import Completion, Engine, Piece, SamplingParams, penalize, sample
-from llmos.engine import _Sequence  # the engine's detokenizer and stop handling, reused as is
+from llmos.engine import Completion, Engine, Piece, SamplingParams, Sequence, penalize, sample
 from llmos.errors import LlmosError
 from llmos.model import KVCache
 
@@ -101,7 +100,7 @@ class _Row:
         params = request.params
         self.request, self.pad = request, pad
         self.last = -1  # the token the next step feeds
-        self.seq = _Sequence(engine.tokenizer, engine.eos_ids | set(params.stop_token_ids), params.stop, request.budget)
+        self.seq = Sequence(engine.tokenizer, engine.eos_ids | set(params.stop_token_ids), params.stop, request.budget)
         self.generator = None
         if params.temperature > 0:  # seeded exactly as the engine seeds a row
             self.generator = torch.Generator(device=device)
@@ -170,7 +169,7 @@ class Scheduler:
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """LlmosError for what submit() would refuse as bad input; else the request's token budget."""
-        budget = self.engine._check([prompt_ids], params)[0]
+        budget = self.engine.check([prompt_ids], params)[0]
         if len(prompt_ids) >= self.limit:
             raise LlmosError(f"prompt is {len(prompt_ids)} tokens but the batch cache holds {self.limit} per sequence; "
                              "shorten it or create the Scheduler with a larger max_len")
@@ -200,7 +199,7 @@ class Scheduler:
                 self.step()
             else:
                 changed.wait()
-        return [self.engine._complete(list(r), r.prompt_tokens, params) for r in requests]
+        return [self.engine.complete(list(r), r.prompt_tokens, params) for r in requests]
 
     # --- the loop ---
 
@@ -395,7 +394,7 @@ class Scheduler:
         logprob = (None, None)
         if request.params.logprobs is not None:
             chosen = torch.tensor([token], device=logits.device)
-            logprob = self.engine._logprobs(logits[None], chosen, request.params.logprobs, [True])[0]
+            logprob = self.engine.logprobs(logits[None], chosen, request.params.logprobs, [True])[0]
         piece = row.seq.push(token, *logprob)
         if row.seen is not None:
             row.seen[token] = True

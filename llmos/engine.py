@@ -171,7 +171,10 @@ def sample(logits, params: SamplingParams, generators: list[torch.Generator] | N
 # One sequence's output: token ids → text that is safe to show
 
 
-class _Sequence:
+class Sequence:
+    """One sequence's generated ids, its text so far and why it finished; the scheduler
+    (batching.py) keeps one per running request."""
+
     def __init__(self, tokenizer, stop_ids: set[int], stops: list[str], budget: int):
         self.tokenizer, self.stop_ids, self.stops, self.budget = tokenizer, stop_ids, stops, budget
         self.ids: list[int] = []
@@ -233,7 +236,7 @@ class Engine:
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Stream:
         """Pieces of text as they are generated. Bad parameters or prompts raise here, not on the first next()."""
         params = params or SamplingParams()
-        budgets = self._check([prompt_ids], params)
+        budgets = self.check([prompt_ids], params)
         return Stream((row[0] for row in self._steps([prompt_ids], params, budgets)), len(prompt_ids))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Completion:
@@ -244,13 +247,13 @@ class Engine:
         params = params or SamplingParams()
         if not prompts:
             return []
-        budgets = self._check(prompts, params)
+        budgets = self.check(prompts, params)
         pieces: list[list[Piece]] = [[] for _ in prompts]
         for row_pieces in self._steps(prompts, params, budgets):
             for mine, piece in zip(pieces, row_pieces):
                 if piece is not None:
                     mine.append(piece)
-        return [self._complete(p, len(prompt), params) for p, prompt in zip(pieces, prompts)]
+        return [self.complete(p, len(prompt), params) for p, prompt in zip(pieces, prompts)]
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, stream: bool = False):
         """Reply to a conversation: a Completion, or a Stream when stream=True. Either has `notice`
@@ -268,9 +271,9 @@ class Engine:
         result.notice, result.dropped = notice, dropped
         return result
 
-    # --- internals ---
+    # --- the loop, and the checks and results it shares with the scheduler (batching.py) ---
 
-    def _check(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
+    def check(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
         """Validate; return each prompt's token budget (max_new_tokens, clamped to the context)."""
         params.validate()
         limit, vocab = self.model.cfg.max_seq_len, self.model.cfg.vocab_size
@@ -294,7 +297,7 @@ class Engine:
         """Yield, per decode step, one Piece per row (None for rows already finished)."""
         device = next(self.model.parameters()).device
         stop_ids = self.eos_ids | set(params.stop_token_ids)
-        rows = [_Sequence(self.tokenizer, stop_ids, params.stop, budget) for budget in budgets]
+        rows = [Sequence(self.tokenizer, stop_ids, params.stop, budget) for budget in budgets]
         B, longest = len(prompts), max(map(len, prompts))
         pads = [longest - len(p) for p in prompts]
         tokens = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts)], device=device)
@@ -323,7 +326,7 @@ class Engine:
         while True:
             scores = logits if params.logits_processor is None else params.logits_processor([r.ids for r in rows], logits)
             chosen = sample(penalize(scores, params, seen, counts), params, generators)
-            logprobs = self._logprobs(logits, chosen, params.logprobs, [r.finish is None for r in rows])
+            logprobs = self.logprobs(logits, chosen, params.logprobs, [r.finish is None for r in rows])
             yield [
                 None if row.finish else row.push(token, *lp)
                 for row, token, lp in zip(rows, chosen.tolist(), logprobs)
@@ -336,7 +339,7 @@ class Engine:
                 counts[every, chosen] += 1
             logits = self.model(chosen[:, None], cache)[:, -1].float()  # decode one step
 
-    def _logprobs(self, logits, chosen, n: int | None, active: list[bool]) -> list[tuple]:
+    def logprobs(self, logits, chosen, n: int | None, active: list[bool]) -> list[tuple]:
         """(logprob of the chosen token, its n best alternatives) per row, from the raw logits."""
         if n is None:
             return [(None, None)] * len(active)
@@ -348,7 +351,7 @@ class Engine:
             for p, row_ids, row_values, a in zip(picked, ids, values, active)
         ]
 
-    def _complete(self, pieces: list[Piece], prompt_tokens: int, params: SamplingParams) -> Completion:
+    def complete(self, pieces: list[Piece], prompt_tokens: int, params: SamplingParams) -> Completion:
         ids = [p.token_id for p in pieces if p.token_id is not None]
         logprobs = None
         if params.logprobs is not None:

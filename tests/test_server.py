@@ -407,6 +407,48 @@ def test_full_queue_answers_503_at_once_and_disconnect_stops_generation(guarded)
     wait_idle(guarded.url, key, 1.5)
 
 
+class CountingTransformer(SlowTransformer):
+    """SlowTransformer that records how many rows each decode step (one token per row) computes."""
+
+    def forward(self, tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            self.decode_rows.append(tokens.shape[0])
+        return super().forward(tokens, *args, **kwargs)
+
+
+def test_concurrent_streams_share_the_decode_loop_and_a_disconnect_frees_the_row(model, tok, hf_tok, home):
+    slow = tiny_model(tok, CountingTransformer)  # the same weights as `model`: tiny_model seeds them
+    slow.decode_rows = []
+    app = create_app({"slow": (slow, tok, None)}, ServerConfig(home=home))
+    scheduler = app.state.serving.models["slow"].scheduler
+    running = Running(app)
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        first = [{"role": "user", "content": "the cat sat on the mat"}]
+        second = [{"role": "user", "content": "hello"}]  # a shorter prompt: it joins at another offset
+        a = iter(client.chat.completions.create(model="slow", messages=first, max_tokens=40, temperature=0, stream=True))
+        a_chunks = [next(a), next(a)]  # a is decoding now; b joins its batch between two steps
+        b_text, _, _ = streamed_text(client.chat.completions.create(model="slow", messages=second, max_tokens=10,
+                                                                    temperature=0, stream=True))
+        a_chunks += list(a)
+        a_text = "".join(c.delta.content or "" for ch in a_chunks for c in ch.choices)
+        assert 2 in slow.decode_rows  # the two requests were decoded in the same forward
+        for text, messages, max_new in ((a_text, first, 40), (b_text[0], second, 10)):
+            prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            assert text == Engine(model, tok).generate(prompt, SamplingParams(max_new_tokens=max_new, temperature=0)).text
+
+        # A client that leaves mid-stream: its row is freed long before its 200 steps of 20 ms.
+        with httpx.stream("POST", running.url + "/v1/chat/completions", timeout=30,
+                          json={"model": "slow", "messages": first, "max_tokens": 200, "temperature": 0, "stream": True}) as r:
+            data = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(data), next(data)  # the role chunk, then the first text: the request has its row
+            assert len(scheduler.rows) == 1
+        wait_idle(running.url, {}, 1.5)  # pending drops when the scheduler has ended the request
+        assert scheduler.rows == []
+    finally:
+        running.stop()
+
+
 # ----------------------------------------------------------------------------
 # Safe defaults
 

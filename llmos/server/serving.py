@@ -12,12 +12,13 @@ A `model` may also name an assistant (store.py): its model runs, with its system
 and its sampling defaults under the request's own values. The chat page's turns (`turn`) plan
 like a chat request and save the reply in the store while it streams.
 
-Concurrency, for now: each model has one worker thread (its engine lock), so one
-generation runs per model while the event loop stays free. A request is admitted only
-while fewer than `max_pending` are running or waiting, else it gets 503 at once. A job
-checks a cancel flag between tokens, and the flag is set when the client goes away.
-`Job` is the seam for the batched decode loop: a scheduler that steps many requests
-together replaces `Job._run` and the worker thread, and nothing above it changes.
+Concurrency: each model has one Scheduler (llmos/batching.py), a thread that decodes all
+of that model's running requests together, one row of a shared KV cache each, while the
+event loop stays free. Requests join and leave the batch between decode steps: up to
+`max_batch` run and the others wait their turn. A request is admitted only while fewer than
+`max_pending` are running or waiting, else it gets 503 at once. A Job submits one scheduler
+request per choice and cancels them when the client goes away; their rows are freed before
+the next step.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import AsyncIterator, Awaitable, Callable
 
+from llmos.batching import Request, Scheduler, SchedulerFull
 from llmos.engine import Engine, Piece, SamplingParams, fit_messages
 from llmos.errors import LlmosError
 from llmos.server import protocol as p
@@ -53,6 +56,9 @@ class ServerConfig:
     max_tokens: int = 4096  # the most tokens one choice may ask for; also the default when a request gives none
     max_choices: int = 8  # n (times the number of prompts, for completions) per request
     max_pending: int = 8  # requests running or waiting; one more gets 503
+    max_batch: int = 8  # sequences (choices) each model decodes together
+    max_context: int | None = 4096  # cache slots per sequence, at most the model's context; None: the model's.
+    # The cache holds max_batch * max_context tokens: SmolLM2-135M in f32 takes ~46 KB a token, 8 x 4096 ~ 1.5 GB.
     rate_limit: float = 600  # requests a minute per API key (per client address without one); 0: no limit
     rate_burst: int = 60  # requests a client may send at once before the rate applies
     home: str | None = None  # where llmos.db lives; None: $LLMOS_HOME, else ~/.llmos
@@ -99,9 +105,9 @@ class ServedModel:
     name: str
     engine: Engine
     tokenizer: object  # llmos.tokenizer.Tokenizer
-    context: int  # the model's context limit in tokens
+    context: int  # the context limit in tokens: the model's, or less where the scheduler's cache is shorter
     defaults: dict  # sampling defaults from the checkpoint's generation config
-    worker: ThreadPoolExecutor  # one thread: one generation at a time on this model
+    scheduler: Scheduler  # the batched decode loop every generation on this model joins
     _vocab: Vocabulary | None = None
 
     @property
@@ -112,7 +118,8 @@ class ServedModel:
         return self._vocab
 
     @classmethod
-    def build(cls, name: str, model, tokenizer, ckpt=None) -> "ServedModel":
+    def build(cls, name: str, model, tokenizer, ckpt=None, max_batch: int = 8, max_context: int | None = 4096,
+              max_waiting: int = 64) -> "ServedModel":
         if tokenizer is None:
             raise LlmosError(f"model {name!r} has no tokenizer; serve a checkpoint that includes one")
         meta = getattr(ckpt, "meta", None) or {}
@@ -121,8 +128,10 @@ class ServedModel:
         if gen.get("do_sample") is False:
             defaults["temperature"] = 0.0
         engine = Engine(model, tokenizer, eos_ids=meta.get("eos_token_ids"))
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llmos-{name}")
-        return cls(name, engine, tokenizer, model.cfg.max_seq_len, defaults, worker)
+        # Never more slots than the model has positions: they would only cost memory.
+        max_len = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting).start()
+        return cls(name, engine, tokenizer, scheduler.limit, defaults, scheduler)
 
 
 @dataclass
@@ -137,28 +146,41 @@ class ChatPlan:
 
 
 class Job:
-    """One request's generation: its runs (one per choice) go one after another on the model's
-    worker thread, and their pieces come back to the event loop as (choice index, Piece)."""
+    """One request's generation: its runs (one per choice) join the model's scheduler, which
+    decodes them together with every other request's, and their pieces come back to the event
+    loop as (choice index, Piece). `release` runs once, when the last run has ended."""
 
-    def __init__(self, served: ServedModel, runs: list, release: Callable[[], None]):
+    def __init__(self, served: ServedModel, runs: list[tuple[list[int], SamplingParams]], release: Callable[[], None]):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
         self.release = release
-        served.worker.submit(self._run, runs)
-
-    def _run(self, runs) -> None:
+        self.requests: list[Request] = []
+        self.left = len(runs)  # runs not yet ended; counted down on the scheduler's thread
         try:
-            for index, stream in enumerate(runs):
-                if self.cancelled.is_set():  # the client left while this job waited its turn
-                    return
-                for piece in stream:
-                    if self.cancelled.is_set():
-                        return
-                    self._put((index, piece))
-        except Exception as e:  # handed to the request, which answers with it
-            self._put(e)
-        finally:
+            for index, (ids, params) in enumerate(runs):
+                self.requests.append(served.scheduler.submit(ids, params, on_piece=partial(self._piece, index),
+                                                             on_done=self._done))
+        except BaseException as e:  # the runs already in never all end (left stays > 0): the caller releases
+            self.cancel()
+            if isinstance(e, SchedulerFull):
+                raise APIError(503, f"model `{served.name}` is busy: {e}", type="server_error",
+                               code="server_busy", headers={"Retry-After": "1"}) from None
+            raise
+
+    def cancel(self) -> None:
+        for request in list(self.requests):
+            request.cancel()
+
+    # --- called on the scheduler's thread ---
+
+    def _piece(self, index: int, piece: Piece) -> None:
+        self._put((index, piece))
+
+    def _done(self, request: Request) -> None:
+        if request.error is not None:  # handed to the request, which answers with it
+            self._put(request.error)
+        self.left -= 1  # only the scheduler's thread calls this
+        if self.left == 0:
             self.release()  # before _DONE: a client that saw the end can send its next request at once
             self._put(_DONE)
 
@@ -166,7 +188,7 @@ class Job:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop has closed: the server is shutting down
-            self.cancelled.set()
+            self.cancel()
 
     async def pieces(self, disconnected: Disconnected) -> AsyncIterator[tuple[int, Piece]]:
         """Pieces until the job ends; stops it when the client disconnects or the consumer stops."""
@@ -186,7 +208,7 @@ class Job:
                 if await disconnected():
                     return
         finally:
-            self.cancelled.set()
+            self.cancel()
 
 
 # ----------------------------------------------------------------------------
@@ -199,7 +221,10 @@ class Serving:
         if not models:
             raise LlmosError("no models to serve; pass at least one model name")
         self.config = config or ServerConfig()
-        self.models = {name: ServedModel.build(name, *entry) for name, entry in models.items()}
+        c = self.config
+        self.models = {name: ServedModel.build(name, *entry, max_batch=c.max_batch, max_context=c.max_context,
+                                               max_waiting=c.max_pending * c.max_choices)
+                       for name, entry in models.items()}
         self.store = store or Store.open(self.config.home)
         self.pending = 0
         self._lock = threading.Lock()
@@ -208,7 +233,7 @@ class Serving:
 
     def close(self) -> None:
         for served in self.models.values():
-            served.worker.shutdown(wait=False, cancel_futures=True)
+            served.scheduler.close()
         self._embed_worker.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
@@ -317,19 +342,22 @@ class Serving:
             raise APIError(400, str(e)) from None
         return params
 
-    def _runs(self, served: ServedModel, prompts: list[list[int]], params: SamplingParams, n: int, grammar: str | None = None) -> list:
-        """One engine stream per choice. Choice j of a seeded request samples with seed + j, so the
-        choices differ from each other and each one repeats exactly. The engine checks its inputs
-        here, before anything is sent."""
+    def _runs(self, served: ServedModel, prompts: list[list[int]], params: SamplingParams, n: int,
+              grammar: str | None = None) -> list[tuple[list[int], SamplingParams]]:
+        """(prompt ids, sampling) per choice. Choice j of a seeded request samples with seed + j, so the
+        choices differ from each other and each one repeats exactly. The scheduler checks every run
+        here, before any is submitted."""
         runs = []
         for ids in prompts:
             for j in range(n):
                 seed = None if params.seed is None else params.seed + j
                 try:
                     constrain = Constrained(served.vocab, grammar) if grammar else None  # each run follows its own copy
-                    runs.append(served.engine.stream(ids, dataclasses.replace(params, seed=seed, logits_processor=constrain)))
+                    run = (ids, dataclasses.replace(params, seed=seed, logits_processor=constrain))
+                    served.scheduler.check(*run)
                 except LlmosError as e:
                     raise APIError(400, str(e)) from None
+                runs.append(run)
         return runs
 
     # --- /v1/chat/completions ---
@@ -503,7 +531,7 @@ class Serving:
             conv = store.update_conversation(conversation_id, title=title, model=model, system_prompt=system)
             reply = store.add_message(conversation_id, "assistant", "", model=plan.name, prompt_tokens=len(plan.prompt), partial=True)
         except BaseException:
-            job.cancelled.set()
+            job.cancel()
             raise
         start = {"type": "start", "conversation": conv, "user": user, "assistant": reply, "dropped": plan.dropped}
         return self._turn_stream(job, disconnected, start)
