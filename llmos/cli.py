@@ -343,6 +343,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=4096, help="most tokens one reply may ask for")
     s.add_argument("--max-pending", type=int, default=8, help="requests running or queued before the server answers 503")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
+    s.add_argument("--max-context", type=int, default=4096, help="KV-cache slots per sequence, at most the model's context (default 4096)")
     s.add_argument("--rate-limit", type=float, default=600, help="requests a minute per API key (or client address); 0 = no limit")
     s.set_defaults(func=cmd_serve)
 
@@ -407,7 +409,8 @@ def cmd_serve(args) -> int:
     from llmos.server.app import serve  # fastapi and uvicorn load only for this command
 
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-          max_tokens=args.max_tokens, max_pending=args.max_pending, rate_limit=args.rate_limit)
+          max_tokens=args.max_tokens, max_pending=args.max_pending, rate_limit=args.rate_limit,
+          max_batch=args.max_batch, max_context=args.max_context)
     return 0
 
 
