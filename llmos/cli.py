@@ -396,7 +396,8 @@ def parser() -> argparse.ArgumentParser:
 
 # Each training stage keeps its own options with its code (fields of its config dataclass).
 TRAIN_STAGES = {"tokenizer": "llmos.train.tokenizer_train", "pretrain": "llmos.train.pretrain",
-                "sft": "llmos.train.sft", "dpo": "llmos.train.dpo", "reward": "llmos.train.reward"}
+                "sft": "llmos.train.sft", "dpo": "llmos.train.dpo", "reward": "llmos.train.reward",
+                "all": "llmos.train.pipeline"}
 
 
 def cmd_train(args) -> int:
