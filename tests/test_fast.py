@@ -128,6 +128,7 @@ def test_kernels_match_float64(ext, fmt, K, scalar):
     else:
         W = fast.QUANTIZERS[fmt](w)
     bias = torch.randn(N)
+    # A one-layer decoder whose head is the matrix under test; its other weights are placeholders.
     cfg = Config(vocab_size=N, dim=K, n_layers=1, n_heads=1, hidden_dim=32, max_seq_len=8)
     weights = {f"layers.0.{n}.weight": fast.float_weight(torch.zeros(64 if "w2" not in n else K, K if "w2" not in n else 64))
                for n in fast.LINEARS}
@@ -385,6 +386,10 @@ def test_bundled_smollm2_q4_1(ext):
     assert dec.weights["layers.0.mlp.w1.weight"].m is not None  # Q4_1 blocks, as stored
     assert dec.weights["head.weight"] is dec.weights["embed.weight"]  # tied Q8_0, one copy
     read = g.read(BUNDLED)
+    assert fast.file_quant(read.meta) == "q4_1"
+    for name in ["embed.weight", "layers.0.attn.wq.weight", "layers.29.mlp.w2.weight"]:  # requantizing is exact
+        stored, again = dec.weights[name], fast.QUANTIZERS["q8_0" if name == "embed.weight" else "q4_1"](read.state_dict[name])
+        assert torch.equal(stored.w, again.w) and torch.equal(stored.d, again.d), name
     model = Transformer(read.config).eval()
     model.load_state_dict(read.state_dict)
     plain = reference(model, dec, act_quant=False)

