@@ -34,15 +34,20 @@ def _types(cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def load_recipe(path, cls) -> dict:
-    """A TOML recipe as a dict of known keys with values of the right type."""
+def read_toml(path, example: str = "(see recipes/)") -> dict:
+    """A recipe file's TOML as a dict, or one line saying why not."""
     try:
         with open(path, "rb") as f:
-            recipe = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise LlmosError(f"{path}: no such recipe file; pass a .toml file (see recipes/)") from None
+        raise LlmosError(f"{path}: no such recipe file; pass a .toml file {example}") from None
     except tomllib.TOMLDecodeError as e:
         raise LlmosError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_recipe(path, cls) -> dict:
+    """A TOML recipe as a dict of known keys with values of the right type."""
+    recipe = read_toml(path)
     types = _types(cls)
     for key, value in recipe.items():
         if key not in types:

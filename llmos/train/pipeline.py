@@ -50,12 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmos.errors import LlmosError
-from llmos.train import atomic_write, option, parser_for
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+from llmos.train import atomic_write, option, parser_for, read_toml
 
 
 @dataclass
@@ -123,13 +118,7 @@ def checked(values: dict, cls, where: str) -> dict:
 
 def read_recipe(path) -> tuple[dict, dict]:
     """(top-level keys, {stage: its table}) of a recipe file."""
-    try:
-        with open(path, "rb") as f:
-            recipe = tomllib.load(f)
-    except FileNotFoundError:
-        raise LlmosError(f"{path}: no such recipe file; pass a .toml file such as recipes/e2e.toml") from None
-    except tomllib.TOMLDecodeError as e:
-        raise LlmosError(f"{path}: not valid TOML ({e})") from None
+    recipe = read_toml(path, "such as recipes/e2e.toml")
     classes = stage_classes()
     top = {k: v for k, v in recipe.items() if not isinstance(v, dict)}
     tables = {k: v for k, v in recipe.items() if isinstance(v, dict)}
