@@ -167,7 +167,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()), tokenizer=cfg.tokenizer and str(Path(cfg.tokenizer).resolve()))
     rank, world, device, own_group = start_distributed(cfg.device)
     try:
-        return train(cfg, rank, world, device)
+        summary = train(cfg, rank, world, device)
+        if own_group:  # the others wait while rank 0 writes the last checkpoint: gloo aborts a peer that leaves early
+            dist.barrier()
+        return summary
     finally:
         if own_group:
             dist.destroy_process_group()
