@@ -219,5 +219,9 @@ def test_eval_command(tiny, tmp_path, capsys):
     assert report["task"] == "ppl" and f"bits_per_byte   {report['bits_per_byte']:.4f}" in printed
     assert E.main([str(model_dir), "--task", "mmlu", "--data", "x"]) == 2
     assert "unknown task 'mmlu'" in capsys.readouterr().err
+    from llmos import cli  # flags may come before the model, through the llmos command too
+
+    assert cli.main(["eval", "--task", "ppl", "--model", str(model_dir), "--data", str(tmp_path / "t.txt"), "--no-progress"]) == 0
+    assert f"bits_per_byte   {report['bits_per_byte']:.4f}" in capsys.readouterr().out
     with pytest.raises(LlmosError, match="task arc needs --data FILE"):
         get_task("arc", "")
