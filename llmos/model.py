@@ -3,7 +3,7 @@
 A model is two files: a parameters file and this program. Everything here reads
 top to bottom in the order the data flows:
 
-    Config → RMSNorm → rotary embeddings → attention (grouped-query, KV cache)
+    Config → RMSNorm → rotary embeddings → attention (grouped-query, KV cache, packed documents)
            → SwiGLU MLP → Block → Transformer
 
 It covers the Llama family as Hugging Face, GGUF and llama2.c store it: Llama 1-3
@@ -252,14 +252,27 @@ class Transformer(nn.Module):
         # Kept out of the state dict and out of .to(dtype): frequencies must stay float32.
         self.inv_freq = rope_frequencies(cfg)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] → logits [B, T, vocab]. With a cache, tokens continue from slot cache.pos."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None):
+        """tokens [B, T] → logits [B, T, vocab]. With a cache, tokens continue from slot cache.pos.
+
+        doc_ids [B, T] marks documents packed into one row (a new id starts a new document): each
+        document attends only to itself and its positions restart at 0, as if it were run alone.
+        """
         B, T = tokens.shape
         start = 0 if cache is None else cache.pos
         if start + T > (cache.max_len if cache is not None else self.cfg.max_seq_len):
             raise ValueError(f"{start + T} positions exceed the context limit")
         slots = torch.arange(start, start + T, device=tokens.device)
-        if cache is None:
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids is for training on packed rows, not for decoding with a cache")
+            # Each token's document began at the last slot where the id changed; it sees keys from there on.
+            new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+            new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            doc_start = torch.where(new_doc, slots, 0).cummax(dim=1).values  # [B, T]
+            positions = slots - doc_start
+            mask = (slots[None, None, :] <= slots[None, :, None]) & (slots[None, None, :] >= doc_start[:, :, None])
+        elif cache is None:
             positions, mask = slots.expand(B, T), None
         else:
             # A query sees keys at or before its own slot and after its row's padding.

@@ -2,7 +2,8 @@
 
 Tiny random configs cover grouped-query attention, tied and untied heads,
 Llama-3 and linear rope scaling, and Qwen2's q/k/v biases; logits must agree
-within 1e-4 in float32 for the prefill and for every decode step through the cache.
+within 1e-4 in float32 for the prefill and for every decode step through the cache,
+and a row of packed documents (doc_ids) computes each document as if it ran alone.
 """
 
 import pytest
@@ -116,3 +117,35 @@ def test_config_rejects_unknown_keys_and_counts_parameters():
     assert cfg.num_params() == sum(p.numel() for p in Transformer(cfg).parameters())
     tied = Config(**{**cfg.to_dict(), "tie_embeddings": True})
     assert tied.num_params() == sum(p.numel() for p in Transformer(tied).parameters())
+
+
+# ----------------------------------------------------------------------------
+# Packed documents: doc_ids make a row of several documents compute each as if alone
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "llama3-scaling", "qwen2-bias-untied"])
+def test_packed_row_with_doc_ids_equals_each_document_alone(case):
+    hf, model = make_pair(**CASES[case])
+    g = torch.Generator().manual_seed(5)
+    layouts = [[7, 1, 12, 20], [40]]  # row 0: four documents (one a single token), row 1: one
+    docs = [[torch.randint(0, 97, (1, n), generator=g) for n in lengths] for lengths in layouts]
+    tokens = torch.cat([torch.cat(row, 1) for row in docs])
+    doc_ids = torch.tensor([[d for d, n in enumerate(lengths) for _ in range(n)] for lengths in layouts])
+    doc_ids[1] += 3  # only changes between neighbours mark a new document, not the values
+    with torch.no_grad():
+        packed = model(tokens, doc_ids=doc_ids)
+        one_doc = model(tokens[1:], doc_ids=doc_ids[1:]) - model(tokens[1:])  # one document: plain causal attention
+        assert one_doc.abs().max().item() < 1e-6
+        for r, row in enumerate(docs):
+            start = 0
+            for doc in row:
+                alone = model(doc)[0]
+                assert (packed[r, start : start + doc.shape[1]] - alone).abs().max().item() < 1e-5
+                start += doc.shape[1]
+        # transformers finds the same documents from position ids that restart at 0 (padding-free packing)
+        positions = torch.cat([torch.arange(n) for n in layouts[0]])[None]
+        ref = hf(tokens[:1], position_ids=positions, use_cache=False).logits
+        assert (packed[0] - ref[0]).abs().max().item() < 1e-4
+        assert (packed[0] - model(tokens[:1])[0]).abs().max().item() > 1e-2  # without doc_ids they do mix
+    with pytest.raises(ValueError, match="doc_ids"):
+        model(tokens, model.new_cache(2, 64), doc_ids=doc_ids)

@@ -247,7 +247,7 @@ def test_packing_keeps_targets_exact(tok):
     examples = [C.render_masked(tok, m) for m in convs]
     T = 40
     rows = S.Rows(examples, T, batch=3, micro=3, packing=True, seed=1, pad_id=3)
-    (x, y), units = rows.next_step()[0]
+    (x, y, docs), units = rows.next_step()[0]
     # Rebuild what each row should hold from the visiting order, independently of Rows._row.
     order, i, expected = S.Order(len(examples), 1), 0, []
     for _ in range(3):
@@ -261,10 +261,39 @@ def test_packing_keeps_targets_exact(tok):
         assert x[r, :n].tolist() == ids[: x.shape[1]] and (x[r, n:] == 3).all()
         assert y[r, : n - 1].tolist() == [t if m else S.IGNORE for t, m in zip(ids[1:], mask[1:])]
         assert (y[r, n - 1 :] == S.IGNORE).all() and x.shape[1] <= T
+    assert docs.shape == x.shape and docs[:, 0].tolist() == [0, 0, 0]
     unpacked = S.Rows(examples, T, batch=2, micro=1, packing=False, seed=1, pad_id=3)
     micros = unpacked.next_step()
     assert len(micros) == 2 and unpacked.cursor == 2
-    assert micros[0][0][0][0].tolist() == examples[order(0)][0][:-1]
+    assert micros[0][0][0][0].tolist() == examples[order(0)][0][:-1] and micros[0][0][2] is None
+
+
+def test_packed_loss_equals_the_conversations_alone(tok):
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in [("hi", "Hello there."), ("who are you?", "I am Ada."), ("two plus two?", "Four."),
+                          ("cats?", "I like cats."), ("hello", "Hi!"), ("name?", "Ada.")]]
+    examples = [C.render_masked(tok, m) for m in convs]
+    assert S.doc_ids([[3, 2], [4]], 6).tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 1, 1]]
+    torch.manual_seed(0)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+    model = Transformer(Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                               max_seq_len=128, rope_scaling=scaling)).eval()
+    rows = S.Rows(examples, 80, batch=2, micro=2, packing=True, seed=1, pad_id=3)
+    [(batch, units)] = rows.next_step()
+    assert rows.cursor >= 4  # more conversations than rows: they are packed
+    with torch.no_grad():
+        packed = S.token_loss(model, batch, "cpu")
+        crossing = S.token_loss(model, (batch[0], batch[1], None), "cpu")  # attention across conversations
+        alone, n = 0.0, 0
+        for i in range(rows.cursor):  # each conversation of the step in a forward pass of its own
+            ids, mask = (torch.tensor(v) for v in examples[S.Order(len(examples), 1)(i)])
+            y = ids[1:].masked_fill(mask[1:] == 0, S.IGNORE)
+            alone += torch.nn.functional.cross_entropy(model(ids[None, :-1])[0], y, ignore_index=S.IGNORE,
+                                                       reduction="sum")
+            n += int(mask[1:].sum())
+    assert n == units and abs(packed.item() - alone.item()) < 1e-4 * n
+    assert abs(crossing.item() - alone.item()) > 1e-2
 
 
 # ----------------------------------------------------------------------------

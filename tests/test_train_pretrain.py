@@ -310,3 +310,33 @@ def test_resume_after_kill_9(corpus, tmp_path):
     P.pretrain(cfg)
     P.pretrain(replace(cfg, out=str(tmp_path / "straight")))
     assert state(tmp_path / "killed")["history"] == state(tmp_path / "straight")["history"]
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_resumes_a_one_process_run_exactly_and_saves_it_whole(corpus, tmp_path):
+    # One process trains 3 steps; 2 gloo processes sharding the model (FSDP2) load that checkpoint into their
+    # shards and train 3 more; their checkpoint, gathered whole on rank 0, matches 6 steps in one process.
+    from llmos.formats import read_checkpoint
+
+    kw = dict(depth=2, aspect_ratio=16, steps=6, eval_every=3, save_every=3)
+    P.pretrain(config(corpus, tmp_path / "one", **kw))
+    P.pretrain(config(corpus, tmp_path / "two", **kw, stop_at=3))
+    flags = ["--data", str(corpus / "text.txt"), "--tokenizer", str(corpus / "tok"), "--depth", "2",
+             "--aspect-ratio", "16", "--head-dim", "16", "--seq-len", "16", "--batch-size", "4", "--steps", "6",
+             "--lr", "0.01", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "3", "--no-progress"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmos.train.pretrain",
+                           *flags, "--fsdp", "--out", str(tmp_path / "two")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharded (FSDP2); resuming at step 3" in proc.stderr
+    one, two = state(tmp_path / "one"), state(tmp_path / "two")
+    assert two["step"] == 6 and len(two["history"]["val"]) == 2
+    assert np.allclose(one["history"]["train_loss"], two["history"]["train_loss"], rtol=0, atol=1e-5)
+    assert np.allclose(one["history"]["val"], two["history"]["val"], rtol=0, atol=1e-5)
+    ckpt = read_checkpoint(tmp_path / "two")
+    for k, v in one["model"].items():  # whole tensors, not one rank's shard
+        assert two["model"][k].shape == v.shape and torch.allclose(two["model"][k], v, rtol=0, atol=1e-5)
+        assert torch.equal(ckpt.state_dict[k], two["model"][k])
+    for k, v in one["optimizer"]["state"].items():
+        assert torch.allclose(two["optimizer"]["state"][k]["exp_avg_sq"], v["exp_avg_sq"], rtol=0, atol=1e-6)

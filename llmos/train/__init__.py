@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import random
 import sys
 import tempfile
 import typing
@@ -201,3 +203,78 @@ def plot_losses(train: list[float], val: list, file, title: str, note: str = "")
     ax.legend()
     atomic_write(file, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# The end of a training step, the same in every stage: time budget, validation, checkpoints, report
+
+
+def check_length(cfg) -> None:
+    """Refuse a run given both or neither of --steps and --minutes, or an unknown schedule."""
+    if bool(cfg.steps > 0) == bool(cfg.minutes > 0):
+        raise LlmosError("pass exactly one of --steps N and --minutes M")
+    if cfg.schedule not in ("cosine", "wsd"):
+        raise LlmosError(f"schedule {cfg.schedule!r} is not known; use cosine or wsd")
+
+
+def progress_bar(desc: str, total: int | None, step: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=step, unit="step", desc=desc, file=sys.stderr, dynamic_ncols=True,
+                disable=not enabled)
+
+
+def steps_in_budget(cfg, step: int, elapsed: float, per_step: float, bar, rank: int = 0, spent: float = 0.0) -> int:
+    """The total steps of a --minutes run: those of per_step seconds that fit in what is left of the budget
+    after `elapsed` seconds and `spent` more (time measured but not yet in elapsed)."""
+    total = step + max(1, int((cfg.minutes * 60 - elapsed - spent) / per_step))
+    bar.total = total
+    log(rank, f"{per_step * 1000:.0f} ms per step: {total} steps fit in {cfg.minutes:g} minutes", bar)
+    return total
+
+
+def end_step(cfg, step: int, total: int | None, elapsed: float, validate, checkpoint, agree=lambda v: v):
+    """(total, stop) after optimizer step `step`: validate and checkpoint when due; stop when the run is finished
+    or paused at --stop-at. agree(value) makes every rank take the same branch (rank 0's value)."""
+    if cfg.minutes and agree(elapsed > 1.1 * cfg.minutes * 60):
+        total = step  # over budget: end here, with the decay cut short
+    finished = total is not None and step >= total
+    if finished or (cfg.eval_every and step % cfg.eval_every == 0):
+        validate()
+    paused = not finished and cfg.stop_at and step >= cfg.stop_at
+    if finished or paused or (cfg.save_every and step % cfg.save_every == 0):
+        checkpoint()
+    return total, bool(finished or paused)
+
+
+def refuse_other_run(out, saved: dict, now: dict, run_control: set) -> None:
+    """A LlmosError when the run saved in `out` had another config than `now`, beyond what may change on resume."""
+    for key, was in saved.items():
+        if key not in run_control and now.get(key) != was:
+            raise LlmosError(f"{out}: holds a run with {key} = {was!r}, not {now.get(key)!r}; run its original "
+                             "command to resume it, or pass another --out for a new run")
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def write_report(out, summary: dict, train_loss: list[float], val: list, title: str, note: str = "") -> None:
+    """summary.json and loss.png in `out`."""
+    atomic_write(Path(out) / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    plot_losses(train_loss, val, Path(out) / "loss.png", title, note)

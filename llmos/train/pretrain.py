@@ -2,7 +2,7 @@
 
     llmos train pretrain --data corpus.txt --out DIR [--tokenizer DIR] [--depth 4] [--steps 2000 | --minutes 10]
     llmos train pretrain --recipe recipes/pretrain_tiny.toml --data ../shared/data/corpora/tinyshakespeare.txt --out runs/tiny
-    torchrun --standalone --nproc_per_node 2 -m llmos.train.pretrain --data corpus.txt --out DIR --steps 2000
+    torchrun --standalone --nproc_per_node 2 -m llmos.train.pretrain --data corpus.txt --out DIR --steps 2000 [--fsdp]
 
 DIR becomes a Hugging Face model directory that `llmos run DIR` chats with, and also
 holds trainer_state.pt (model, optimizer, step, random states, data position, config),
@@ -19,8 +19,15 @@ Decisions:
 - Bits per byte = summed validation loss in nats / ln 2 / UTF-8 bytes of the validation
   text: the whole held-out split is evaluated each time, every token predicted once
   (document separators count, as zero bytes).
-- Distributed: each rank reads its own slice of every global batch; only rank 0 writes.
-  FSDP2 is not done yet: models must fit one device.
+- Documents are concatenated with a separator token and training windows cross them, attention
+  included, as nanochat and llm.c pretrain: no doc_ids (llmos/model.py), so the fast causal kernel runs.
+- Distributed: each rank reads its own slice of every global batch; only rank 0 writes. By default
+  each rank holds the whole model (DDP). --fsdp shards it instead (FSDP2 fully_shard, per layer then
+  the rest; bf16 compute and float32 gradient reduction on CUDA): the model is built and initialized
+  in host memory (so on CUDA it starts from other random weights than without --fsdp), and each rank
+  keeps only its share of the weights, gradients and optimizer state on its device. Checkpoints hold
+  the whole state either way (gathered to rank 0), so a run may resume with or without --fsdp, on
+  another number of ranks.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -40,16 +46,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
-from llmos.train import atomic_write, log, on_all_ranks, option, plot_losses, rank0_first, run_main, start_distributed
+from llmos.train import (atomic_write, check_length, end_step, log, on_all_ranks, option, progress_bar, rank0_first,
+                         refuse_other_run, rng_state, run_main, set_rng_state, start_distributed, steps_in_budget,
+                         write_report)
 from llmos.train import data as D
 
 CALIBRATE = 10  # steps timed before a --minutes run fixes its length
 # Options that may change between a run and its resume; any other change is another run.
-RUN_CONTROL = {"out", "eval_every", "save_every", "stop_at", "device", "compile", "progress", "micro_batch"}
+RUN_CONTROL = {"out", "eval_every", "save_every", "stop_at", "device", "compile", "progress", "micro_batch", "fsdp"}
 
 
 @dataclass
@@ -88,6 +95,7 @@ class PretrainConfig:
     stop_at: int = option(0, "pause after this step, checkpointed; run again without it to continue")
     device: str = option("auto", "cpu, cuda or auto")
     compile: bool = option(False, "torch.compile the model")
+    fsdp: bool = option(False, "under torchrun, shard the model over the ranks (FSDP2) instead of copying it to each")
     progress: bool = option(True, "show a progress bar on stderr")
 
 
@@ -133,20 +141,30 @@ def lr_factor(step: int, total: int | None, cfg: PretrainConfig) -> float:
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def batches_of(windows: list, batch: int) -> list[list]:
+    """Up to `batch` consecutive windows (start, length) of one length each (only the last window is shorter)."""
+    groups, i = [], 0
+    while i < len(windows):
+        groups.append([w for w in windows[i : i + batch] if w[1] == windows[i][1]])
+        i += len(groups[-1])
+    return groups
+
+
 @torch.no_grad()
 def evaluate(model, tokens, n_bytes: int, seq_len: int, batch: int, device="cpu", rank=0, world=1, amp=nullcontext):
     """(mean loss in nats per token, bits per byte) over every next-token prediction in `tokens`."""
     n = len(tokens) - 1
-    windows = [(s, min(seq_len, n - s)) for s in range(0, n, seq_len)][rank::world]
+    windows = [(s, min(seq_len, n - s)) for s in range(0, n, seq_len)]
+    groups = [batches_of(windows[r::world], batch) for r in range(world)]
     nats = torch.zeros((), dtype=torch.float64, device=device)
-    i = 0
-    while i < len(windows):  # batch consecutive windows of one length (only the last is shorter)
-        group = [w for w in windows[i : i + batch] if w[1] == windows[i][1]]
-        i += len(group)
+    # Every rank makes as many forward passes (under FSDP each gathers weights from all ranks); spares count nothing.
+    for i in range(max(map(len, groups))):
+        group = groups[rank][i] if i < len(groups[rank]) else groups[0][0]
         rows = torch.from_numpy(np.stack([tokens[s : s + L + 1] for s, L in group]).astype(np.int64)).to(device)
         with amp():
             logits = model(rows[:, :-1])
-        nats += F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").double()
+        if i < len(groups[rank]):
+            nats += F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").double()
     if world > 1:
         dist.all_reduce(nats)
     return nats.item() / n, nats.item() / (math.log(2) * n_bytes)
@@ -160,10 +178,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run in cfg.out; returns its summary."""
     if not cfg.data or not cfg.out:
         raise LlmosError("pass --data CORPUS and --out DIR")
-    if bool(cfg.steps > 0) == bool(cfg.minutes > 0):
-        raise LlmosError("pass exactly one of --steps N and --minutes M")
-    if cfg.schedule not in ("cosine", "wsd"):
-        raise LlmosError(f"schedule {cfg.schedule!r} is not known; use cosine or wsd")
+    check_length(cfg)
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()), tokenizer=cfg.tokenizer and str(Path(cfg.tokenizer).resolve()))
     rank, world, device, own_group = start_distributed(cfg.device)
     try:
@@ -196,24 +211,28 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
     T = mcfg.max_seq_len
 
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
-    model = Transformer(mcfg).to(device)
+    sharded = cfg.fsdp and world > 1
+    model = Transformer(mcfg).to("cpu" if sharded else device)  # sharded: each rank's share moves to its device
     init_weights(model)
+    if state:
+        model.load_state_dict(state["model"])
+    if sharded:
+        shard(model, device, world)
     optimizer = make_optimizer(model, cfg, device)
     loader = D.Batches(corpus.train, T, micro, rank, world, cfg.seed)
     step, total, elapsed, history = 0, cfg.steps or None, 0.0, {"train_loss": [], "val": []}
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         loader.load_state_dict(state["loader"])
         step, total, elapsed, history = state["step"], state["total_steps"], state["elapsed"], state["history"]
         set_rng_state(state["rng"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else None
     train_model = torch.compile(ddp or model) if cfg.compile else ddp or model
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     log(rank, f"{mcfg.num_params():,} parameters ({mcfg.n_layers} layers, width {mcfg.dim}, {mcfg.n_heads} heads, "
               f"context {T}); {len(corpus.train):,} training and {corpus.meta['val_tokens']:,} validation tokens; "
               f"{cfg.batch_size * T:,} tokens per step ({world} x {micro} x {accum} accumulation) on {device}"
-              + (f"; resuming at step {step}" if state else ""))
+              + (", sharded (FSDP2)" if sharded else "") + (f"; resuming at step {step}" if state else ""))
 
     def validate():
         if corpus.val is None or (history["val"] and history["val"][-1][0] == step):
@@ -224,11 +243,11 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
         return loss
 
     def checkpoint():
+        weights, optimizer_state = full_state(model, optimizer)  # under FSDP every rank sends its shards
         if rank == 0:
-            save(out, model, optimizer, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus)
+            save(out, weights, optimizer_state, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus)
 
-    bar = tqdm(total=total, initial=step, unit="step", desc="pretrain", file=sys.stderr, dynamic_ncols=True,
-               disable=rank != 0 or not cfg.progress)
+    bar = progress_bar("pretrain", total, step, rank == 0 and cfg.progress)
     start, run_steps, train_time, calib_time = time.perf_counter(), 0, 0.0, 0.0
     before = elapsed
     while total is None or step < total:
@@ -238,7 +257,8 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
         loss_sum = 0.0
         for m in range(accum):
             x, y = (t.to(device) for t in next(loader))
-            with ddp.no_sync() if ddp and m < accum - 1 else nullcontext(), amp():  # all-reduce once per step
+            # DDP all-reduces once per step; FSDP reduce-scatters each micro-batch, keeping only shards of gradients.
+            with ddp.no_sync() if ddp and m < accum - 1 else nullcontext(), amp():
                 loss = F.cross_entropy(train_model(x).float().flatten(0, 1), y.flatten())
                 (loss / accum).backward()
             loss_sum += loss.item()
@@ -261,19 +281,9 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
             validate()
             val_s = time.perf_counter() - t_val
             per_step = calib_time / (CALIBRATE - 1) + (val_s / cfg.eval_every if cfg.eval_every else 0.0)
-            total = step + max(1, int((cfg.minutes * 60 - elapsed - val_s) / per_step))
-            total = int(on_all_ranks(total, world, device))
-            bar.total = total
-            log(rank, f"{per_step * 1000:.0f} ms per step: {total} steps fit in {cfg.minutes:g} minutes", bar)
-        if cfg.minutes and on_all_ranks(elapsed > 1.1 * cfg.minutes * 60, world, device):
-            total = step  # over budget: end here, with the decay cut short
-        finished = total is not None and step >= total
-        if finished or (cfg.eval_every and step % cfg.eval_every == 0):
-            validate()
-        paused = not finished and cfg.stop_at and step >= cfg.stop_at
-        if finished or paused or (cfg.save_every and step % cfg.save_every == 0):
-            checkpoint()
-        if paused:
+            total = int(on_all_ranks(steps_in_budget(cfg, step, elapsed, per_step, bar, rank, val_s), world, device))
+        total, stop = end_step(cfg, step, total, elapsed, validate, checkpoint, lambda v: on_all_ranks(v, world, device))
+        if stop:
             break
     bar.close()
     last_val = history["val"][-1] if history["val"] else [None] * 3
@@ -286,10 +296,40 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
         "model_config": mcfg.to_dict(), "config": asdict(cfg),
     }
     if rank == 0:
-        atomic_write(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
-        plot_losses(history["train_loss"], history["val"], out / "loss.png", "pretraining",
-                    f"last: {last_val[2]:.3f} bits per byte" if history["val"] else "")
+        write_report(out, summary, history["train_loss"], history["val"], "pretraining",
+                     f"last: {last_val[2]:.3f} bits per byte" if history["val"] else "")
     return summary
+
+
+def shard(model: Transformer, device, world: int) -> None:
+    """FSDP2: every layer, then the rest (embedding, final norm, head), split in `world` shards, one per rank.
+    A layer's whole weights are gathered just before it runs and freed after; on CUDA they are gathered in
+    bfloat16 and gradients reduced in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    bf16, f32 = (torch.bfloat16, torch.float32) if device.type == "cuda" else (None, None)  # None: as the weights are
+    policy = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=f32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's whole state dicts in CPU memory on rank 0 (empty dicts on the others),
+    keyed by parameter name. Under FSDP they are gathered from every rank's shards: every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, whole: dict) -> None:
+    """The inverse of full_state for the optimizer: under FSDP each rank keeps its shard of `whole`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, whole, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------
@@ -317,21 +357,17 @@ def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
             raise LlmosError(f"{out}: exists and holds no pretraining run; pass a new or empty --out")
         return None
     state = torch.load(file, map_location="cpu", weights_only=False)
-    now = asdict(cfg)
-    for key, was in state["config"].items():
-        if key not in RUN_CONTROL and now.get(key) != was:
-            raise LlmosError(f"{out}: holds a run with {key} = {was!r}, not {now.get(key)!r}; run its original "
-                             "command to resume it, or pass another --out for a new run")
+    refuse_other_run(out, state["config"], asdict(cfg), RUN_CONTROL)
     return state
 
 
-def save(out, model, optimizer, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus) -> None:
-    """The model as a Hugging Face directory in `out`, then trainer_state.pt; each file replaced atomically."""
+def save(out, weights, optimizer_state, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus) -> None:
+    """The model as a Hugging Face directory in `out`, then trainer_state.pt; each file replaced atomically.
+    weights and optimizer_state are whole state dicts (full_state)."""
     from llmos.formats import Checkpoint, hf
 
     staging = out / ".checkpoint"
     shutil.rmtree(staging, ignore_errors=True)
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     im_end = tok.hf.token_to_id("<|im_end|>")
     eos = list(dict.fromkeys(list(tok.eos_ids) + ([im_end] if im_end is not None else [])))
     try:
@@ -342,20 +378,10 @@ def save(out, model, optimizer, tok, mcfg, cfg, loader, step, total, elapsed, hi
     except OSError as e:
         raise LlmosError(f"{out}: could not write the checkpoint ({e.strerror or e}); free disk space and run "
                          "the same command again to resume from the previous checkpoint") from None
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     state = {"config": asdict(cfg), "model_config": mcfg.to_dict(), "model": weights,
-             "optimizer": optimizer.state_dict(), "step": step, "total_steps": total, "elapsed": elapsed,
-             "loader": loader.state_dict(), "rng": rng, "history": history, "corpus": corpus.meta}
+             "optimizer": optimizer_state, "step": step, "total_steps": total, "elapsed": elapsed,
+             "loader": loader.state_dict(), "rng": rng_state(), "history": history, "corpus": corpus.meta}
     atomic_write(out / "trainer_state.pt", lambda f: torch.save(state, f))
-
-
-def set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def main(argv=None) -> int:

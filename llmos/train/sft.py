@@ -16,9 +16,9 @@ Decisions:
   only (their content and end-of-turn token), found exactly by rendering prefix by prefix (chat_data.py).
   The tokens that close assistant turns join the model's end-of-sequence ids, so generation stops there.
 - Packing (default on) fills each row of --seq-len tokens with whole conversations in a seeded order.
-  Attention DOES cross conversation boundaries inside a row and positions continue (llmos/model.py has
-  no block-diagonal mask), as in pretraining on concatenated documents; the loss mask is still exact.
-  --no-packing puts one conversation per row, padded, for no cross-talk at all.
+  The model is given the row's doc_ids, so each conversation attends only to itself and its positions
+  start at 0: a packed row's loss is the sum of its conversations' losses run alone (TRL's padding-free
+  packing). --no-packing puts one conversation per row, right-padded.
 - The loss is the mean over every assistant token of the step (all micro-batches together), so
   micro-batching and packing do not change the weight of a token.
 - --lora wraps the linear layers named by --lora-targets (llmos/train/lora.py); the adapters are merged
@@ -35,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -44,13 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from llmos.errors import LlmosError
-from llmos.train import atomic_write, log, option, plot_losses, run_main
+from llmos.train import (atomic_write, check_length, end_step, log, option, progress_bar, refuse_other_run, rng_state,
+                         run_main, set_rng_state, steps_in_budget, write_report)
 from llmos.train import chat_data as C
 from llmos.train import lora as L
-from llmos.train.pretrain import lr_factor, set_rng_state
+from llmos.train.pretrain import lr_factor
 
 CALIBRATE = 5  # steps timed before a --minutes run fixes its length
 RUN_CONTROL = {"out", "eval_every", "save_every", "stop_at", "device", "progress", "micro_batch"}
@@ -91,7 +90,7 @@ class FinetuneConfig:
 
 @dataclass
 class SFTConfig(FinetuneConfig):
-    packing: bool = option(True, "pack several conversations into each row (attention crosses them)")
+    packing: bool = option(True, "pack several conversations into each row (each attends only to itself)")
     fill: str = option("", "values for {{key}} placeholders in the data: 'name=Ada,author=Ada Lab'")
 
 
@@ -134,28 +133,50 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids[:, :-1], y
 
 
+def doc_ids(lengths: list[list[int]], width: int) -> torch.Tensor:
+    """[B, width] document numbers of packed rows: 0 over a row's first conversation, 1 over its second, ...,
+    then one more number over the padding after them. lengths[r] are row r's conversation lengths."""
+    docs = torch.empty((len(lengths), width), dtype=torch.long)
+    for r, ls in enumerate(lengths):
+        counts = torch.tensor(ls + [max(0, width - sum(ls))])
+        docs[r] = torch.arange(len(counts)).repeat_interleave(counts)[:width]
+    return docs
+
+
+def token_loss(model, batch, device) -> torch.Tensor:
+    """Summed cross-entropy over the trained tokens of a micro-batch (x, y, doc_ids or None)."""
+    x, y, docs = batch
+    logits = model(x.to(device), doc_ids=None if docs is None else docs.to(device))
+    return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 class Rows:
-    """Micro-batches of (x, y) for one optimizer step: rows of conversations, packed or one per row."""
+    """Micro-batches of (x, y, doc_ids) for one optimizer step: rows of conversations, packed or one per row
+    (then doc_ids is None)."""
 
     def __init__(self, examples, seq_len: int, batch: int, micro: int, packing: bool, seed: int, pad_id: int):
         self.examples, self.T, self.batch, self.micro, self.packing = examples, seq_len, batch, micro, packing
         self.order, self.pad_id, self.cursor = Order(len(examples), seed), pad_id, 0
 
     def _row(self):
-        ids, mask = [], []
+        ids, mask, lengths = [], [], []
         while True:
             e_ids, e_mask = self.examples[self.order(self.cursor)]
             e_ids, e_mask = e_ids[: self.T + 1], e_mask[: self.T + 1]
             if ids and len(ids) + len(e_ids) > self.T + 1:
-                return ids, mask
-            ids, mask, self.cursor = ids + e_ids, mask + e_mask, self.cursor + 1
+                return ids, mask, lengths
+            ids, mask, lengths, self.cursor = ids + e_ids, mask + e_mask, lengths + [len(e_ids)], self.cursor + 1
             if not self.packing:
-                return ids, mask
+                return ids, mask, lengths
 
     def next_step(self) -> list:
         rows = [self._row() for _ in range(self.batch)]
-        micros = [pad_rows(rows[i : i + self.micro], self.pad_id) for i in range(0, self.batch, self.micro)]
-        return [((x, y), int((y != IGNORE).sum())) for x, y in micros]
+        micros = []
+        for i in range(0, self.batch, self.micro):
+            x, y = pad_rows([(ids, mask) for ids, mask, _ in rows[i : i + self.micro]], self.pad_id)
+            docs = doc_ids([ls for _, _, ls in rows[i : i + self.micro]], x.shape[1]) if self.packing else None
+            micros.append(((x, y, docs), int((y != IGNORE).sum())))
+        return micros
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor}
@@ -191,10 +212,7 @@ def check(cfg: FinetuneConfig) -> None:
     """Refuse bad options before anything slow happens."""
     if not cfg.data or not cfg.out:
         raise LlmosError("pass --data FILE and --out DIR")
-    if bool(cfg.steps > 0) == bool(cfg.minutes > 0):
-        raise LlmosError("pass exactly one of --steps N and --minutes M")
-    if cfg.schedule not in ("cosine", "wsd"):
-        raise LlmosError(f"schedule {cfg.schedule!r} is not known; use cosine or wsd")
+    check_length(cfg)
     if cfg.dtype not in ("f32", "f16", "bf16"):
         raise LlmosError(f"dtype {cfg.dtype!r} cannot be written; use f32, f16 or bf16")
     micro = cfg.micro_batch or cfg.batch_size
@@ -234,11 +252,7 @@ def load_state(out: Path, cfg, stage: str) -> dict | None:
         raise LlmosError(f"{file}: cannot read the checkpoint ({type(e).__name__}); remove {out} to start over") from None
     if state.get("stage") != stage:
         raise LlmosError(f"{out}: holds a {state.get('stage')} run, not {stage}; pass another --out")
-    now = asdict(cfg)
-    for key, was in state["config"].items():
-        if key not in RUN_CONTROL and now.get(key) != was:
-            raise LlmosError(f"{out}: holds a run with {key} = {was!r}, not {now.get(key)!r}; run its original "
-                             "command to resume it, or pass another --out for a new run")
+    refuse_other_run(out, state["config"], asdict(cfg), RUN_CONTROL)
     return state
 
 
@@ -327,19 +341,16 @@ def finetune(cfg, stage: str, model, tok, ckpt, device, loader, step_loss, valid
             log(0, f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), bar)
 
     def checkpoint():
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         saved = {"stage": stage, "config": asdict(cfg), "trainable": trainable_state(model, extra),
                  "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "step": step,
-                 "total_steps": total, "elapsed": elapsed, "history": history, "rng": rng}
+                 "total_steps": total, "elapsed": elapsed, "history": history, "rng": rng_state()}
         atomic_write(out / "trainer_state.pt", lambda f: torch.save(saved, f))
 
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     if not history["val"]:
         run_validation()  # the starting point, to compare the end with
-    bar = tqdm(total=total, initial=step, unit="step", desc=stage, file=sys.stderr, dynamic_ncols=True,
-               disable=not cfg.progress)
+    bar = progress_bar(stage, total, step, cfg.progress)
     start, before, run_steps, units_seen, train_time = time.perf_counter(), elapsed, 0, 0, 0.0
     while total is None or step < total:
         t0 = time.perf_counter()
@@ -369,18 +380,9 @@ def finetune(cfg, stage: str, model, tok, ckpt, device, loader, step_loss, valid
         bar.update(1)
         bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", units_s=f"{units_seen / train_time:,.0f}", refresh=False)
         if cfg.minutes and total is None and run_steps == CALIBRATE:
-            total = step + max(1, int((cfg.minutes * 60 - elapsed) / (elapsed - before) * run_steps))
-            bar.total = total
-            log(0, f"{(elapsed - before) / run_steps * 1000:.0f} ms per step: {total} steps fit in {cfg.minutes:g} minutes", bar)
-        if cfg.minutes and elapsed > 1.1 * cfg.minutes * 60:
-            total = step
-        finished = total is not None and step >= total
-        if finished or (cfg.eval_every and step % cfg.eval_every == 0):
-            run_validation()
-        paused = not finished and cfg.stop_at and step >= cfg.stop_at
-        if finished or paused or (cfg.save_every and step % cfg.save_every == 0):
-            checkpoint()
-        if paused:
+            total = steps_in_budget(cfg, step, elapsed, (elapsed - before) / run_steps, bar)
+        total, stop = end_step(cfg, step, total, elapsed, run_validation, checkpoint)
+        if stop:
             break
     bar.close()
     if total is not None and step >= total:
@@ -394,10 +396,9 @@ def finetune(cfg, stage: str, model, tok, ckpt, device, loader, step_loss, valid
         "units_per_s": units_seen / train_time if train_time else None, "wall_s": elapsed, "device": str(device),
         "base_model": ckpt.meta.get("path", cfg.model), "config": asdict(cfg),
     }
-    atomic_write(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     points = [[s, m["val_loss"]] for s, m in vals if "val_loss" in m]
-    plot_losses(history["train_loss"], points, out / "loss.png", f"{stage} ({Path(str(cfg.model)).name})",
-                f"last {points[-1][1]:.3f}" if points else "")
+    write_report(out, summary, history["train_loss"], points, f"{stage} ({Path(str(cfg.model)).name})",
+                 f"last {points[-1][1]:.3f}" if points else "")
     if summary["finished"]:
         log(0, f"wrote {out}; chat with it: llmos run {out}")
     return summary
@@ -428,18 +429,15 @@ def sft(cfg: SFTConfig) -> dict:
            f"{sum(sum(m) for _, m in train):,} assistant tokens of {sum(len(i) for i, _ in train):,}")
 
     def step_loss(batch):
-        x, y = (t.to(device) for t in batch)
-        logits = model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"), {}
+        return token_loss(model, batch, device), {}
 
     def validate():
         if not val:
             return {}
         nats, n = 0.0, 0
         for i in range(0, len(val), micro):
-            x, y = (t.to(device) for t in pad_rows([(ids[: T + 1], m[: T + 1]) for ids, m in val[i : i + micro]], pad))
-            nats += F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                    reduction="sum").item()
+            x, y = pad_rows([(ids[: T + 1], m[: T + 1]) for ids, m in val[i : i + micro]], pad)
+            nats += token_loss(model, (x, y, None), device).item()
             n += int((y != IGNORE).sum())
         return {"val_loss": nats / max(n, 1)}
 
