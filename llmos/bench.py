@@ -1,6 +1,7 @@
 """Speed and memory per precision, measured the way llama-bench measures llama.cpp.
 
-    llmos bench [MODEL] [--shape smollm2-135m|tinyllama-1.1b] [--precisions f32,bf16,int8,int4] [--json OUT]
+    llmos bench [MODEL] [--shape smollm2-135m|tinyllama-1.1b] [--precisions f32,bf16,int8,int4]
+                [--engine auto|fast|torch] [--json OUT]
     llmos bench --shape tinyllama-1.1b --json bench/results/tinyllama.json
 
 For each precision, in a fresh process (so its peak resident memory is its own):
@@ -10,6 +11,11 @@ For each precision, in a fresh process (so its peak resident memory is its own):
     ttft_s          time to the first token of a 128-token prompt: cache allocation, prefill, argmax
     peak_rss_mb     the process's peak resident memory (getrusage ru_maxrss): loading included
     ceiling_tok_s   the machine's read bandwidth / the weight bytes a decode step reads
+
+engine: "fast" times the decoder that `llmos run` uses on the CPU (llmos/fast.py: C++ kernels, one call
+per token; int8 and int4 there are GGUF Q8_0 and Q4_0 blocks with a Q8_0 output head, so --group-size
+does not apply), "torch" the PyTorch model loop (llmos.quant's int8/int4 modules); "auto" is fast
+when the kernels build. Each record says which ran in `engine`.
 
 Means of --reps runs after one short warm-up (standard deviations beside them, as llama-bench
 prints). The model is MODEL (loaded as llmos.quant.load_precision does), or with --shape a model
@@ -140,6 +146,54 @@ def time_first_token(model, prompt: int, new: int) -> float:
     return time.perf_counter() - t
 
 
+def time_fast_prefill(dec, n: int) -> float:
+    tokens = random_tokens(dec.cfg, n)[0]
+    t = time.perf_counter()
+    dec.reset()
+    dec.prefill(tokens).argmax().item()
+    return time.perf_counter() - t
+
+
+def time_fast_decode(dec, n: int) -> float:
+    dec.reset()
+    logits = dec.prefill(random_tokens(dec.cfg, 1)[0])
+    t = time.perf_counter()
+    for _ in range(n):
+        logits = dec.decode(int(logits.argmax()))
+    logits.argmax().item()
+    return time.perf_counter() - t
+
+
+def time_fast_first_token(dec, prompt: int) -> float:
+    tokens = random_tokens(dec.cfg, prompt, seed=2)[0]
+    t = time.perf_counter()
+    dec.reset()
+    dec.prefill(tokens).argmax().item()
+    return time.perf_counter() - t
+
+
+def fast_decoder(spec: dict, precision: str):
+    """The fast decoder at `precision`, built as `llmos run` builds it: float weights as they are,
+    int8/int4 as Q8_0/Q4_0 blocks quantized from the float model, which is then dropped."""
+    from llmos import fast
+
+    build = "bf16" if precision in quant.SCHEMES else precision
+    if spec.get("shape"):
+        src = planner.Source(spec["shape"], planner.SIZES[SHAPES[spec["shape"]]], "random", tokenizer=False)
+        src.read_bytes = src.config.num_params() * (4 if build == "f32" else 2)
+        model, name = random_model(src.config, build), spec["shape"]
+    else:
+        src = planner.source(spec["model"])
+        model, _, ckpt = quant.load_precision(spec["model"], build)
+        name = ckpt.meta.get("name") or spec["model"]
+    dec = fast.decoder(model, quant=precision if precision in quant.SCHEMES else None,
+                       max_len=spec["prefill"] + spec["decode"] + TTFT_PROMPT)
+    if precision in quant.SCHEMES:
+        del model
+        quant.release_memory()
+    return dec, src, name
+
+
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -154,6 +208,9 @@ def run_one(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     precision, group = spec["precision"], spec.get("group_size")
+    engine = spec.get("engine", "torch")
+    if engine == "fast":
+        return run_fast(spec)
     group = quant.check_scheme(precision, group) if precision in quant.SCHEMES else None
     t = time.perf_counter()
     if spec.get("shape"):
@@ -183,7 +240,7 @@ def run_one(spec: dict) -> dict:
     (decode_s, decode_sd), (prefill_s, prefill_sd), (ttft, ttft_sd) = mean_sd(tg), mean_sd(pp), mean_sd(ft)
     ceiling = spec["bandwidth"] / per_token
     return {
-        "precision": precision, "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),
+        "precision": precision, "engine": "torch", "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),
         "ttft_s": round(ttft, 4), "peak_rss_mb": round(peak_rss() / 1e6, 1), "ceiling_tok_s": round(ceiling, 1),
         "model": name, "random_weights": bool(spec.get("shape")), "params": cfg.num_params(),
         "group_size": group, "decode_tok_s_sd": round(decode_sd, 2), "prefill_tok_s_sd": round(prefill_sd, 1),
@@ -196,12 +253,70 @@ def run_one(spec: dict) -> dict:
     }
 
 
+def run_fast(spec: dict) -> dict:
+    """run_one on the fast decoder: the same tests and record keys."""
+    from llmos import fast
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    precision = spec["precision"]
+    t = time.perf_counter()
+    dec, src, name = fast_decoder(spec, precision)
+    load_s = time.perf_counter() - t
+    cfg = dec.cfg
+    prefill, decode, reps = spec["prefill"], spec["decode"], spec["reps"]
+    if prefill + decode > cfg.max_seq_len:
+        raise LlmosError(f"--prefill {prefill} + --decode {decode} exceed {name}'s context of {cfg.max_seq_len}")
+    time_fast_prefill(dec, min(16, prefill))  # warm-up
+    time_fast_decode(dec, min(4, decode))
+    pp = [prefill / time_fast_prefill(dec, prefill) for _ in range(reps)]
+    tg = [decode / time_fast_decode(dec, decode) for _ in range(reps)]
+    ft = [time_fast_first_token(dec, min(TTFT_PROMPT, prefill)) for _ in range(reps)]
+    # What one decode step reads: every matrix as packed, the head (a tied one too) whole, one row of the embedding.
+    per_token = sum(w.nbytes() for n, w in dec.weights.items() if n != "embed.weight" and isinstance(w, fast.Weight))
+    ctx = max(prefill, decode + 1, min(TTFT_PROMPT, prefill) + decode)
+    group = 32 if precision in quant.SCHEMES else None
+    plan = planner.plan(src, precision, ctx=ctx, prompt=prefill, group_size=32)
+    (decode_s, decode_sd), (prefill_s, prefill_sd), (ttft, ttft_sd) = mean_sd(tg), mean_sd(pp), mean_sd(ft)
+    ceiling = spec["bandwidth"] / per_token
+    return {
+        "precision": precision, "engine": "fast", "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),
+        "ttft_s": round(ttft, 4), "peak_rss_mb": round(peak_rss() / 1e6, 1), "ceiling_tok_s": round(ceiling, 1),
+        "model": name, "random_weights": bool(spec.get("shape")), "params": cfg.num_params(),
+        "group_size": group, "decode_tok_s_sd": round(decode_sd, 2), "prefill_tok_s_sd": round(prefill_sd, 1),
+        "ttft_s_sd": round(ttft_sd, 4), "decode_tokens": decode, "prefill_tokens": prefill,
+        "ttft_prompt_tokens": min(TTFT_PROMPT, prefill), "reps": reps, "ceiling_fraction": round(decode_s / ceiling, 3),
+        "bytes_per_token": per_token, "bandwidth_gb_s": round(spec["bandwidth"] / 1e9, 2),
+        "rss_mb": round(current_rss() / 1e6, 1), "planned_peak_mb": round(plan["peak"] / 1e6, 1),
+        "planned_running_mb": round(plan["running"] / 1e6, 1), "load_s": round(load_s, 2),
+        "threads": torch.get_num_threads(), "backend": dec.backend, "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
 # ----------------------------------------------------------------------------
 # Every precision, each in a fresh process
 
 
+def pick_engine(engine: str) -> str:
+    """auto → fast when the C++ kernels build here (else torch, with kernels.load()'s one-line note)."""
+    from llmos import kernels
+
+    if engine not in ("auto", "fast", "torch"):
+        raise LlmosError(f"unknown engine {engine!r}; use auto, fast or torch")
+    if engine == "torch":
+        return engine
+    if kernels.load() is None:
+        if engine == "fast":
+            raise LlmosError(f"--engine fast needs the C++ kernels, which could not be built ({kernels.why_not()}); "
+                             "install g++ or use --engine torch")
+        return "torch"
+    return "fast"
+
+
 def bench(model: str | None = None, shape: str | None = None, precisions=DEFAULT_PRECISIONS, group_size=None,
-          prefill: int = 512, decode: int = 128, reps: int = 3, threads: int | None = None, log=print) -> list[dict]:
+          prefill: int = 512, decode: int = 128, reps: int = 3, threads: int | None = None, log=print,
+          engine: str = "auto") -> list[dict]:
     if shape is not None and shape not in SHAPES:
         raise LlmosError(f"unknown shape {shape!r}; use {' or '.join(SHAPES)}")
     if model and shape:
@@ -211,15 +326,17 @@ def bench(model: str | None = None, shape: str | None = None, precisions=DEFAULT
             raise LlmosError(f"unknown precision {p!r}; use some of {', '.join(quant.PRECISIONS)}")
     if min(prefill, decode, reps) < 1:
         raise LlmosError("--prefill, --decode and --reps must be at least 1")
+    engine = pick_engine(engine)  # here, so each child loads the kernels already built
     if threads:
         torch.set_num_threads(threads)
     bw = bandwidth()
-    log(f"read bandwidth {bw / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
+    log(f"read bandwidth {bw / 1e9:.1f} GB/s ({torch.get_num_threads()} threads); engine {engine}")
     log(HEADER)
     records = []
     for p in precisions:
         spec = dict(model=None if shape else (model or "default"), shape=shape, precision=p, group_size=group_size,
-                    prefill=prefill, decode=decode, reps=reps, threads=threads or torch.get_num_threads(), bandwidth=bw)
+                    prefill=prefill, decode=decode, reps=reps, threads=threads or torch.get_num_threads(), bandwidth=bw,
+                    engine=engine)
         out = subprocess.run([sys.executable, "-m", "llmos.bench", json.dumps(spec)], capture_output=True, text=True)
         if out.returncode:
             last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -253,7 +370,7 @@ def cmd_bench(args) -> int:
         print(line, file=sys.stderr if line.startswith("read") else sys.stdout, flush=True)
 
     records = bench(args.model, args.shape, precisions, args.group_size, args.prefill, args.decode, args.reps,
-                    args.threads, log=log)
+                    args.threads, log=log, engine=getattr(args, "engine", "auto"))
     if args.json:
         write_json(records, args.json)
         print(f"wrote {args.json}", file=sys.stderr)

@@ -133,6 +133,9 @@ def cmd_run(args) -> int:
         from llmos.engine import Engine
 
         params, given = sampling(args)  # bad flags fail before a model is loaded
+        gpu_layers = gpu_layers_flag(args)
+        if args.draft and args.draft_tokens < 1:
+            raise LlmosError(f"--draft-tokens must be an integer >= 1, got {args.draft_tokens}")
         try:
             model, tok, ckpt = load(args.model, args.device)
         except LlmosError as e:
@@ -147,7 +150,21 @@ def cmd_run(args) -> int:
     if generation.get("do_sample") is False and "temperature" not in given:
         params.temperature = 0.0  # transformers' greedy decoding
     params.validate()
-    engine = Engine(model, tok, eos_ids=ckpt.meta.get("eos_token_ids") or None)
+    from llmos.registry import load_decoder
+
+    if gpu_layers is not None:
+        from llmos.offload import place
+
+        place(model, gpu_layers, ctx=min(model.cfg.max_seq_len, 4096))
+    draft = None
+    if args.draft:
+        from llmos.speculative import Draft
+
+        draft_model, draft_tok, _ = load(args.draft, args.device)
+        draft = Draft(draft_model, draft_tok, args.draft_tokens)
+    torch_only = (draft or gpu_layers is not None) and args.engine == "auto"  # speculative and offload run the PyTorch model
+    fast = load_decoder(model, ckpt, "torch" if torch_only else args.engine, args.device)  # None: the PyTorch model path
+    engine = Engine(model, tok, eos_ids=ckpt.meta.get("eos_token_ids") or None, fast=fast, draft=draft)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if tok.chat_template is None and args.system:
         say("note: the model has no chat template; plain completion ignores --system")
@@ -158,6 +175,8 @@ def cmd_run(args) -> int:
             raise LlmosError("no prompt: stdin was empty; pass PROMPT, pipe text in, or run in a terminal to chat")
     if prompt is not None:
         answer(engine, tok, messages + [{"role": "user", "content": prompt}], params)
+        if draft is not None and draft.stats.proposed:
+            say(draft.stats.summary())
         return 0
     chat(engine, tok, messages, params, ckpt, args.model)
     return 0
@@ -307,6 +326,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
     r.add_argument("--system", help="system message")
     r.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    r.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
+                   help="fast: the C++ CPU kernels; torch: the PyTorch model (default auto: fast on the CPU when the kernels build)")
+    r.add_argument("--draft", metavar="DRAFT_MODEL", help="speculative decoding: a smaller model with the same tokenizer proposes tokens")
+    r.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per target forward (default 4)")
+    r.add_argument("--gpu-layers", metavar="N|auto", help="put the last N layers on the CUDA GPU, the rest on the CPU (auto: as many as fit)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("pull", help="download REPO or REPO:FILE.gguf / REPO:QUANT from the Hugging Face Hub")
@@ -343,6 +367,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=4096, help="most tokens one reply may ask for")
     s.add_argument("--max-pending", type=int, default=8, help="requests running or queued before the server answers 503")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
+                   help="one request at a time on the C++ CPU kernels (fast), or always the batched PyTorch model (torch); default auto")
+    s.add_argument("--gpu-layers", metavar="N|auto", help="put the last N layers on the CUDA GPU, the rest on the CPU (auto: as many as fit)")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
     s.add_argument("--max-context", type=int, default=4096, help="KV-cache slots per sequence, at most the model's context (default 4096)")
     s.add_argument("--rate-limit", type=float, default=600, help="requests a minute per API key (or client address); 0 = no limit")
@@ -375,6 +402,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", type=int, default=128, help="tokens of the decode test (default 128: tg128)")
     s.add_argument("--reps", type=int, default=3, help="repetitions of each test (default 3)")
     s.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    s.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
+                   help="decode through the C++ CPU kernels (fast) or the PyTorch model loop (torch); default auto")
     s.add_argument("--json", metavar="OUT", help="write the records as JSON to OUT")
     s.set_defaults(func=cmd_bench)
 
@@ -406,12 +435,27 @@ def cmd_train(args) -> int:
     return importlib.import_module(TRAIN_STAGES[args.stage]).main(args.args)
 
 
+def gpu_layers_flag(args):
+    """--gpu-layers parsed and checked before any model is loaded; None when not given."""
+    if args.gpu_layers is None:
+        return None
+    from llmos.offload import check_cuda, parse_gpu_layers
+
+    n = parse_gpu_layers(args.gpu_layers)
+    check_cuda()
+    if args.device != "cpu" or args.engine == "fast":
+        raise LlmosError("--gpu-layers splits the model between the CPU and the GPU itself; drop --device and --engine fast")
+    return n
+
+
 def cmd_serve(args) -> int:
     from llmos.server.app import serve  # fastapi and uvicorn load only for this command
 
+    gpu_layers = gpu_layers_flag(args)
+    engine = "torch" if gpu_layers is not None else args.engine  # offloaded layers run on the PyTorch model
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
           max_tokens=args.max_tokens, max_pending=args.max_pending, rate_limit=args.rate_limit,
-          max_batch=args.max_batch, max_context=args.max_context)
+          max_batch=args.max_batch, max_context=args.max_context, engine=engine, gpu_layers=gpu_layers)
     return 0
 
 
@@ -446,8 +490,12 @@ def cmd_data(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser().parse_args(argv)
+        if argv[:1] == ["eval"]:  # eval parses its own flags; argparse's REMAINDER would refuse a leading --flag
+            args = argparse.Namespace(func=cmd_eval, args=argv[1:])
+        else:
+            args = parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag that Parser.error has reported
         return e.code if isinstance(e.code, int) else 0
     try:

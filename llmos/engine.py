@@ -23,6 +23,7 @@ before penalties, temperature or truncation, as the OpenAI API reports them.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -123,6 +124,10 @@ class Stream:
 
     def __next__(self) -> Piece:
         return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop early; frees what the generation holds (the fast decoder)."""
+        self._pieces.close()
 
 
 # ----------------------------------------------------------------------------
@@ -229,15 +234,34 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, eos_ids: list[int] | None = None):
-        self.model, self.tokenizer = model, tokenizer
+    """fast: a llmos.fast.Decoder of the same model. Single-prompt generation (stream, generate, chat)
+    then runs its prefill and decode steps through the decoder's C++ kernels; batches, and a request
+    arriving while the decoder's one KV cache is busy, run through the model. Sampling, penalties,
+    stop handling and logprobs are the same code on either path."""
+
+    def __init__(self, model, tokenizer, eos_ids: list[int] | None = None, fast=None, draft=None):
+        self.model, self.tokenizer, self.fast = model, tokenizer, fast
+        self.draft = draft  # a llmos.speculative.Draft: single-prompt generation decodes speculatively
+        if draft is not None:
+            draft.check(model, tokenizer)
         self.eos_ids = set(tokenizer.eos_ids or []) | set(eos_ids or [])
+        self._fast_lock = threading.Lock()  # the decoder holds one sequence: one user at a time
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Stream:
         """Pieces of text as they are generated. Bad parameters or prompts raise here, not on the first next()."""
         params = params or SamplingParams()
         budgets = self.check([prompt_ids], params)
         return Stream((row[0] for row in self._steps([prompt_ids], params, budgets)), len(prompt_ids))
+
+    def stream_fast(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Stream | None:
+        """Like stream(), but only on the fast decoder: None when there is none or it is busy. The
+        decoder is held from this call until the stream ends or is closed (for callers such as the
+        server, which send a request elsewhere when the decoder is taken)."""
+        params = params or SamplingParams()
+        budgets = self.check([prompt_ids], params)
+        if not self._claim_fast():
+            return None
+        return Stream((row[0] for row in self._steps([prompt_ids], params, budgets, claimed=True)), len(prompt_ids))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Completion:
         return self.generate_batch([prompt_ids], params)[0]
@@ -292,19 +316,50 @@ class Engine:
             budgets.append(min(params.max_new_tokens, limit - len(prompt)))
         return budgets
 
-    @torch.inference_mode()
-    def _steps(self, prompts, params: SamplingParams, budgets: list[int]) -> Iterator[list[Piece | None]]:
-        """Yield, per decode step, one Piece per row (None for rows already finished)."""
+    def _claim_fast(self) -> bool:
+        return self.fast is not None and self._fast_lock.acquire(blocking=False)
+
+    def _model_logits(self, prompts, budgets):
+        """Logits [B, V] after the left-padded prompts, and step(chosen [B]) -> logits after them; the model path."""
         device = next(self.model.parameters()).device
-        stop_ids = self.eos_ids | set(params.stop_token_ids)
-        rows = [Sequence(self.tokenizer, stop_ids, params.stop, budget) for budget in budgets]
-        B, longest = len(prompts), max(map(len, prompts))
+        longest = max(map(len, prompts))
         pads = [longest - len(p) for p in prompts]
         tokens = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts)], device=device)
         # Rows share one timeline of cache slots; each row's positions start at its first real
         # token, so the cache may need more slots than the context limit has positions.
-        cache = self.model.new_cache(B, longest + max(budgets))
+        cache = self.model.new_cache(len(prompts), longest + max(budgets))
         cache.pad = torch.tensor(pads, device=device)
+        step = lambda chosen: self.model(chosen[:, None], cache)[:, -1].float()
+        return self.model(tokens, cache)[:, -1].float(), step
+
+    def _fast_logits(self, prompt):
+        """The same for one prompt on the fast decoder (which the caller has claimed)."""
+        dec = self.fast
+        dec.reset()
+        return dec.prefill(prompt)[None], lambda chosen: dec.decode(int(chosen[0]))[None]
+
+    @torch.inference_mode()
+    def _steps(self, prompts, params: SamplingParams, budgets: list[int], claimed: bool = False) -> Iterator[list[Piece | None]]:
+        """Yield, per decode step, one Piece per row (None for rows already finished). One prompt runs on
+        the fast decoder when there is one and it is free (claimed: the caller already holds it)."""
+        if self.draft is not None and len(prompts) == 1 and not claimed:
+            from llmos import speculative
+
+            if speculative.supports(params):
+                yield from speculative.steps(self, prompts[0], params, budgets[0])
+                return
+        fast = claimed or (len(prompts) == 1 and self._claim_fast())
+        try:
+            yield from self._loop(prompts, params, budgets, fast)
+        finally:
+            if fast:
+                self._fast_lock.release()
+
+    def _loop(self, prompts, params: SamplingParams, budgets: list[int], fast: bool) -> Iterator[list[Piece | None]]:
+        logits, step = self._fast_logits(prompts[0]) if fast else self._model_logits(prompts, budgets)  # prefill
+        device = logits.device
+        stop_ids = self.eos_ids | set(params.stop_token_ids)
+        rows = [Sequence(self.tokenizer, stop_ids, params.stop, budget) for budget in budgets]
         generators = None
         if params.temperature > 0:
             generators = [torch.Generator(device=device) for _ in prompts]
@@ -313,9 +368,7 @@ class Engine:
                     g.seed()
                 else:
                     g.manual_seed(params.seed)
-
-        logits = self.model(tokens, cache)[:, -1].float()  # prefill
-        every = torch.arange(B, device=device)
+        every = torch.arange(len(prompts), device=device)
         seen = counts = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
@@ -337,7 +390,7 @@ class Engine:
                 seen[every, chosen] = True
             if counts is not None:
                 counts[every, chosen] += 1
-            logits = self.model(chosen[:, None], cache)[:, -1].float()  # decode one step
+            logits = step(chosen)  # decode one step
 
     def logprobs(self, logits, chosen, n: int | None, active: list[bool]) -> list[tuple]:
         """(logprob of the chosen token, its n best alternatives) per row, from the raw logits."""

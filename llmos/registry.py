@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -188,6 +189,57 @@ def load_model(name, device: str = "cpu", dtype=None):
         return quant.load_quantized(path, device, dtype)
     ckpt = read_checkpoint(path)
     return build_model(ckpt, device, dtype), ckpt.tokenizer, ckpt
+
+
+ENGINES = ("auto", "fast", "torch")
+
+
+def load_decoder(model, ckpt: Checkpoint | None, engine: str = "auto", device: str = "cpu"):
+    """The fast CPU decoder (llmos/fast.py) for a loaded model, or None for the PyTorch path.
+
+    engine: "auto" is fast on the CPU when the C++ kernels build (else one stderr line says the slower
+    PyTorch path is used), "fast" insists (LlmosError without a compiler or on CUDA), "torch" is None.
+    Weights: a GGUF file's Q8_0/Q4_0/Q4_1 blocks go into the kernels as stored (other types in it
+    are dequantized to float32); a `llmos quantize` directory from its stored integers; a float model
+    keeps its precision and shares the model's tensors (f16 runs as a float32 copy). The model stays
+    for batches: the decoder adds the packed weights of a quantized file (~0.56 bytes a parameter
+    for Q4, 1.06 for Q8_0) and its KV cache, which grows with the sequence.
+    """
+    if engine not in ENGINES:
+        raise LlmosError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
+    if engine == "torch":
+        return None
+    if device != "cpu":
+        if engine == "fast":
+            raise LlmosError(f"--engine fast runs on the CPU; use --engine torch with --device {device}")
+        return None
+    import contextlib
+    import io
+
+    from llmos import fast, kernels, quant
+
+    if engine == "fast":  # the error below says it all: keep the loader's own note off stderr
+        with contextlib.redirect_stderr(io.StringIO()):
+            ext = kernels.load()
+        if ext is None:
+            raise LlmosError(f"--engine fast needs the C++ kernels, which could not be built ({kernels.why_not()}); "
+                             "install g++ or use --engine torch")
+    elif kernels.load() is None:  # kernels.load() has said why and that PyTorch runs instead
+        return None
+    meta = getattr(ckpt, "meta", None) or {}
+    path = meta.get("path")
+    try:
+        if meta.get("format") == "gguf" and fast.file_quant(meta) and path:
+            return fast.decoder_from_gguf(path)[0]
+        if path and quant.is_quantized_dir(path):
+            return fast.decoder_from_quantized(path)[0]
+        return fast.decoder(model, quant=None)
+    except LlmosError as e:  # a layout the kernels cannot take: the model path still runs it
+        if engine == "fast":
+            raise
+        print(f"llmos: the fast CPU decoder cannot run this model ({e}); using the slower PyTorch path",
+              file=sys.stderr)
+        return None
 
 
 # ----------------------------------------------------------------------------

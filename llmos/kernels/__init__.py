@@ -79,6 +79,8 @@ def load(verbose: bool = False):
 
 
 def _build(scalar: bool, verbose: bool):
+    import shutil
+
     from torch.utils import cpp_extension
 
     flags = build_flags(scalar)
@@ -87,8 +89,12 @@ def _build(scalar: bool, verbose: bool):
     name = f"llmos_kernels_{tag.hexdigest()[:12]}"
     home = Path(os.environ.get("LLMOS_HOME", Path.home() / ".llmos")).expanduser()
     build_dir = home / "kernels" / name
+    built = build_dir.is_dir() and any(build_dir.glob("*.so"))
+    cxx = os.environ.get("CXX", "c++")  # what cpp_extension compiles with
+    if not built and shutil.which(cxx) is None:  # before announcing a build that cannot happen
+        raise RuntimeError(f"no C++ compiler: {cxx} not found")
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not verbose and not any(build_dir.glob("*.so")):
+    if not verbose and not built:
         print(f"llmos: compiling CPU kernels into {build_dir} (once, under a minute)", file=sys.stderr)
     # torch builds with ninja; the PyPI `ninja` package puts it beside this Python, maybe not on PATH.
     env_bin = str(Path(sys.executable).parent)

@@ -167,15 +167,22 @@ def uvicorn_server(app: FastAPI, log_level: str = "info"):
 
 
 def serve(models, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "cpu", dtype=None, **limits) -> None:
+          device: str = "cpu", dtype=None, gpu_layers=None, **limits) -> None:
     """Serve `models` (names for llmos.registry.load_model, or name → (model, tokenizer, ckpt))
-    until interrupted. `limits` are ServerConfig fields: max_tokens, max_pending, ..."""
+    until interrupted. `limits` are ServerConfig fields: max_tokens, max_pending, ...
+    gpu_layers: N or "auto", the last N layers of each model on the GPU (llmos/offload.py)."""
     check_bind(host, api_key)  # before loading anything: a refusal should be instant
     sock = listen(host, port)
     if not isinstance(models, dict):
         from llmos.registry import load_model
 
         models = {name: load_model(name, device, dtype) for name in dict.fromkeys(models or ["default"])}
+    if gpu_layers is not None:
+        from llmos.offload import place
+
+        for model, *_ in models.values():
+            place(model, gpu_layers, ctx=min(model.cfg.max_seq_len, limits.get("max_context") or model.cfg.max_seq_len),
+                  batch=limits.get("max_batch", 8))
     config = ServerConfig(host=host, port=sock.getsockname()[1], api_key=api_key, **limits)
     app = create_app(models, config)
     shown = f"[{host}]" if ":" in host else host

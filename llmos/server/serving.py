@@ -62,6 +62,9 @@ class ServerConfig:
     rate_limit: float = 600  # requests a minute per API key (per client address without one); 0: no limit
     rate_burst: int = 60  # requests a client may send at once before the rate applies
     home: str | None = None  # where llmos.db lives; None: $LLMOS_HOME, else ~/.llmos
+    # "auto" | "fast": a request with one choice runs on the C++ CPU decoder (llmos/fast.py) while it is
+    # free, the others join the batch; "torch": every request joins the batch. `llmos serve` says auto.
+    engine: str = "torch"
 
 
 def check_bind(host: str, api_key: str | None) -> None:
@@ -119,7 +122,7 @@ class ServedModel:
 
     @classmethod
     def build(cls, name: str, model, tokenizer, ckpt=None, max_batch: int = 8, max_context: int | None = 4096,
-              max_waiting: int = 64) -> "ServedModel":
+              max_waiting: int = 64, engine: str = "torch") -> "ServedModel":
         if tokenizer is None:
             raise LlmosError(f"model {name!r} has no tokenizer; serve a checkpoint that includes one")
         meta = getattr(ckpt, "meta", None) or {}
@@ -127,7 +130,10 @@ class ServedModel:
         defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if gen.get(k) is not None}
         if gen.get("do_sample") is False:
             defaults["temperature"] = 0.0
-        engine = Engine(model, tokenizer, eos_ids=meta.get("eos_token_ids"))
+        from llmos.registry import load_decoder
+
+        fast = load_decoder(model, ckpt, engine, next(model.parameters()).device.type)
+        engine = Engine(model, tokenizer, eos_ids=meta.get("eos_token_ids"), fast=fast)
         # Never more slots than the model has positions: they would only cost memory.
         max_len = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
         scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting).start()
@@ -155,8 +161,12 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.release = release
         self.requests: list[Request] = []
-        self.left = len(runs)  # runs not yet ended; counted down on the scheduler's thread
+        self.left = len(runs)  # runs not yet ended; counted down on the scheduler's thread (or the fast run's)
         try:
+            stream = served.engine.stream_fast(*runs[0]) if len(runs) == 1 else None
+            if stream is not None:  # the fast decoder was free: one choice runs there, beside the batch
+                self.requests.append(FastRun(stream, partial(self._piece, 0), self._done))
+                runs = []
             for index, (ids, params) in enumerate(runs):
                 self.requests.append(served.scheduler.submit(ids, params, on_piece=partial(self._piece, index),
                                                              on_done=self._done))
@@ -211,6 +221,31 @@ class Job:
             self.cancel()
 
 
+class FastRun:
+    """One run on the engine's fast decoder, on a thread of its own; for Job it looks like a scheduler
+    Request (cancel, error), and it calls on_piece and on_done from that thread."""
+
+    def __init__(self, stream, on_piece: Callable[[Piece], None], on_done: Callable[["FastRun"], None]):
+        self.error: BaseException | None = None
+        self.cancelled = False
+        threading.Thread(target=self._run, args=(stream, on_piece, on_done), name="llmos-fast", daemon=True).start()
+
+    def cancel(self) -> None:
+        self.cancelled = True  # seen between tokens
+
+    def _run(self, stream, on_piece, on_done) -> None:
+        try:
+            for piece in stream:
+                on_piece(piece)
+                if self.cancelled:
+                    break
+        except Exception as e:
+            self.error = e
+        finally:
+            stream.close()  # hands the decoder back
+            on_done(self)
+
+
 # ----------------------------------------------------------------------------
 # Serving: the endpoints' logic
 
@@ -223,7 +258,7 @@ class Serving:
         self.config = config or ServerConfig()
         c = self.config
         self.models = {name: ServedModel.build(name, *entry, max_batch=c.max_batch, max_context=c.max_context,
-                                               max_waiting=c.max_pending * c.max_choices)
+                                               max_waiting=c.max_pending * c.max_choices, engine=c.engine)
                        for name, entry in models.items()}
         self.store = store or Store.open(self.config.home)
         self.pending = 0
