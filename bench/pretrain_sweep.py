@@ -26,6 +26,7 @@ DATA = ROOT.parent / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
 TRIALS = {
     "base": [],
     "lr6e-3": ["--lr", "6e-3"],
+    "lr1e-2": ["--lr", "1e-2"],
     "wsd": ["--schedule", "wsd"],
     "depth3": ["--depth", "3"],
     "depth6": ["--depth", "6"],
@@ -33,6 +34,10 @@ TRIALS = {
     "vocab4096": ["--vocab-size", "4096"],
     "ctx128-b32": ["--seq-len", "128", "--batch-size", "32"],
     "batch8": ["--batch-size", "8"],
+    # second round: the winners of the first combined
+    "d3-b8": ["--depth", "3", "--batch-size", "8"],
+    "d3-b8-lr6e-3-wsd": ["--depth", "3", "--batch-size", "8", "--lr", "6e-3", "--schedule", "wsd"],
+    "d3-lr6e-3-wsd": ["--depth", "3", "--lr", "6e-3", "--schedule", "wsd"],
 }
 
 

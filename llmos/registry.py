@@ -195,10 +195,11 @@ ENGINES = ("auto", "fast", "torch")
 
 
 def load_decoder(model, ckpt: Checkpoint | None, engine: str = "auto", device: str = "cpu"):
-    """The fast CPU decoder (llmos/fast.py) for a loaded model, or None for the PyTorch path.
+    """The fast CPU decoder (llmos/fast.py) for a loaded model, on CUDA the CUDA-graph decoder
+    (llmos/graphs.py), or None for the PyTorch path.
 
     engine: "auto" is fast on the CPU when the C++ kernels build (else one stderr line says the slower
-    PyTorch path is used), "fast" insists (LlmosError without a compiler or on CUDA), "torch" is None.
+    PyTorch path is used), "fast" insists (LlmosError without a compiler), "torch" is None.
     Weights: a GGUF file's Q8_0/Q4_0/Q4_1 blocks go into the kernels as stored (other types in it
     are dequantized to float32); a `llmos quantize` directory from its stored integers; a float model
     keeps its precision and shares the model's tensors (f16 runs as a float32 copy). The model stays
@@ -209,10 +210,10 @@ def load_decoder(model, ckpt: Checkpoint | None, engine: str = "auto", device: s
         raise LlmosError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
     if engine == "torch":
         return None
-    if device != "cpu":
-        if engine == "fast":
-            raise LlmosError(f"--engine fast runs on the CPU; use --engine torch with --device {device}")
-        return None
+    if device != "cpu":  # a GPU: the model's own arithmetic, each decode step replayed as a CUDA graph
+        from llmos.graphs import GraphDecoder
+
+        return GraphDecoder(model)
     import contextlib
     import io
 
