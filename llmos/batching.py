@@ -303,7 +303,7 @@ class Scheduler:
         rows = [_Row(r, self.engine, self.cache.pos - len(r.prompt), self.device) for r in requests]
         tokens = torch.tensor([[0] * (longest - len(r.prompt)) + r.prompt for r in requests], device=self.device)
         window = self._window(slice(n, n + len(rows)), start, [row.pad - start for row in rows], 0)
-        logits = self.model(tokens, window)[:, -1].float()
+        logits = self.model(tokens, window, last=True)[:, -1].float()
         chosen, failed = self._sample(logits, rows)
         self.rows += rows
         finished = [n + i for i, row in enumerate(rows) if self._emit(row, chosen[i], logits[i], failed.get(i))]
@@ -317,7 +317,7 @@ class Scheduler:
         window = self._window(slice(0, len(self.rows)), start, [row.pad - start for row in self.rows],
                               self.cache.pos - start)
         tokens = torch.tensor([[row.last] for row in self.rows], device=self.device)
-        logits = self.model(tokens, window)[:, -1].float()
+        logits = self.model(tokens, window, last=True)[:, -1].float()
         self.cache.pos += 1
         chosen, failed = self._sample(logits, self.rows)
         finished = [i for i, row in enumerate(self.rows) if self._emit(row, chosen[i], logits[i], failed.get(i))]

@@ -120,7 +120,7 @@ def time_prefill(model, n: int) -> float:
     tokens = random_tokens(model.cfg, n)
     cache = model.new_cache(1, n)
     t = time.perf_counter()
-    model(tokens, cache)[:, -1].float().argmax(-1).item()
+    model(tokens, cache, last=True)[:, -1].float().argmax(-1).item()
     return time.perf_counter() - t
 
 
@@ -142,7 +142,7 @@ def time_first_token(model, prompt: int, new: int) -> float:
     tokens = random_tokens(model.cfg, prompt, seed=2)
     t = time.perf_counter()
     cache = model.new_cache(1, prompt + new)
-    model(tokens, cache)[:, -1].float().argmax(-1).item()
+    model(tokens, cache, last=True)[:, -1].float().argmax(-1).item()
     return time.perf_counter() - t
 
 

@@ -330,7 +330,7 @@ class Engine:
         cache = self.model.new_cache(len(prompts), longest + max(budgets))
         cache.pad = torch.tensor(pads, device=device)
         step = lambda chosen: self.model(chosen[:, None], cache)[:, -1].float()
-        return self.model(tokens, cache)[:, -1].float(), step
+        return self.model(tokens, cache, last=True)[:, -1].float(), step
 
     def _fast_logits(self, prompt):
         """The same for one prompt on the fast decoder (which the caller has claimed)."""

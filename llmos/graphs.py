@@ -70,7 +70,7 @@ class GraphDecoder:
         cache = KVCache.__new__(KVCache)  # the model's cache class over these buffers
         cache.k, cache.v, cache.max_len, cache.pos = self.cache.k, self.cache.v, self.max_len, 0
         cache.pad = torch.zeros(1, dtype=torch.long, device=ids.device)
-        logits = self.model(ids, cache)[0, -1].float()
+        logits = self.model(ids, cache, last=True)[0, -1].float()
         self.pos = cache.pos
         return logits
 

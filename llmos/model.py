@@ -252,8 +252,10 @@ class Transformer(nn.Module):
         # Kept out of the state dict and out of .to(dtype): frequencies must stay float32.
         self.inv_freq = rope_frequencies(cfg)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None,
+                last: bool = False):
         """tokens [B, T] → logits [B, T, vocab]. With a cache, tokens continue from slot cache.pos.
+        last=True: logits [B, 1, vocab] of the last position only, all that generating the next token needs.
 
         doc_ids [B, T] marks documents packed into one row (a new id starts a new document): each
         document attends only to itself and its positions restart at 0, as if it were run alone.
@@ -290,7 +292,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += T
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last else x)
         return F.linear(x, self.embed.weight if self.head is None else self.head.weight)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:

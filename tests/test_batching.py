@@ -332,7 +332,7 @@ def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(engine, model):
             super().__init__()
             self.cfg, self.inner = model.cfg, model
 
-        def forward(self, tokens, cache):
+        def forward(self, tokens, cache, last=False):
             if tokens.shape[1] == 1:
                 raise RuntimeError("out of memory")
             return self.inner(tokens, cache)

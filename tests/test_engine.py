@@ -97,7 +97,7 @@ class Scripted(torch.nn.Module):
     def new_cache(self, batch=1, max_len=None):
         return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len)
 
-    def forward(self, tokens, cache):
+    def forward(self, tokens, cache, last=False):
         if cache.pos == 0:
             self.prompt_len = tokens.shape[1]
         step = cache.pos + tokens.shape[1] - self.prompt_len

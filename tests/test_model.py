@@ -108,6 +108,11 @@ def test_left_padded_batch_equals_each_row_alone():
     assert (out[0, 5:] - alone_short[0, :-1]).abs().max().item() < 1e-4
     assert (step[0] - alone_short[0, -1]).abs().max().item() < 1e-4
     assert (step[1] - alone_long[0, -1]).abs().max().item() < 1e-4
+    with torch.no_grad():  # last=True: the same final logits through the same cache, nothing else computed
+        cache = model.new_cache(batch=2, max_len=32)
+        cache.pad[0] = 5
+        last = model(batch, cache, last=True)
+    assert last.shape == (2, 1, 97) and torch.allclose(last[:, 0], out[:, -1], atol=1e-6) and cache.pos == 11
 
 
 def test_config_rejects_unknown_keys_and_counts_parameters():

@@ -57,7 +57,7 @@ class Scripted(Transformer):
         super().__init__(cfg)
         self.reply, self.end, self.step = reply, end, 0
 
-    def forward(self, tokens, cache=None):
+    def forward(self, tokens, cache=None, last=False):
         if tokens.shape[1] > 1:  # a prefill: a new answer begins
             self.step = 0
         time.sleep(0.005)

@@ -58,6 +58,7 @@ IGNORE = -100
 
 @dataclass
 class FinetuneConfig:
+    EXCLUSIVE = [("steps", "minutes")]  # a flag for one replaces a recipe's other
     model: str = option("default", "model to start from: a name or path llmos loads (default: the bundled SmolLM2)")
     data: str = option("", "training data: a JSON or JSONL file")
     out: str = option("", "output directory: the model, trainer_state.pt, summary.json, loss.png")
