@@ -83,6 +83,13 @@ def load(name: str, device: str = "cpu"):
     return model, tok, ckpt
 
 
+def load_light(name: str):
+    from llmos import registry
+
+    with status(f"loading {name or 'default'}"):
+        return registry.load_fast_only(name)
+
+
 def read_meta(name: str, weights: bool = False):
     """The checkpoint of a model name; without its tensors unless weights=True."""
     from llmos import registry
@@ -136,8 +143,14 @@ def cmd_run(args) -> int:
         gpu_layers = gpu_layers_flag(args)
         if args.draft and args.draft_tokens < 1:
             raise LlmosError(f"--draft-tokens must be an integer >= 1, got {args.draft_tokens}")
+        fast = None
         try:
-            model, tok, ckpt = load(args.model, args.device)
+            alone = args.engine != "torch" and args.device == "cpu" and not args.draft and gpu_layers is None
+            light = load_light(args.model) if alone else None  # a quantized GGUF: the kernels only, no float copy
+            if light:
+                model, tok, ckpt, fast = light
+            else:
+                model, tok, ckpt = load(args.model, args.device)
         except LlmosError as e:
             if args.prompt is None and str(e).startswith("unknown model"):
                 raise LlmosError(f"{e} (MODEL comes first: to ask the default model, run `llmos run default {shlex.quote(args.model)}`)") from None
@@ -163,7 +176,8 @@ def cmd_run(args) -> int:
         draft_model, draft_tok, _ = load(args.draft, args.device)
         draft = Draft(draft_model, draft_tok, args.draft_tokens)
     torch_only = (draft or gpu_layers is not None) and args.engine == "auto"  # speculative and offload run the PyTorch model
-    fast = load_decoder(model, ckpt, "torch" if torch_only else args.engine, args.device)  # None: the PyTorch model path
+    if fast is None:  # None again: the PyTorch model path
+        fast = load_decoder(model, ckpt, "torch" if torch_only else args.engine, args.device)
     engine = Engine(model, tok, eos_ids=ckpt.meta.get("eos_token_ids") or None, fast=fast, draft=draft)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if tok.chat_template is None and args.system:

@@ -194,6 +194,24 @@ def load_model(name, device: str = "cpu", dtype=None):
 ENGINES = ("auto", "fast", "torch")
 
 
+def load_fast_only(name):
+    """(model, tokenizer, checkpoint, decoder) for a GGUF file of Q8_0/Q4_0/Q4_1 blocks, run by the fast
+    CPU decoder alone: the blocks go into the kernels and no float copy of the weights is made (the
+    model is built on the meta device, for its config). None when that does not apply or the kernels
+    cannot be built; the caller then loads the model as usual. For one prompt at a time (`llmos run`)."""
+    from llmos import fast, kernels
+
+    path = resolve(name)
+    if path.suffix.lower() != ".gguf":
+        return None
+    ckpt = read_checkpoint(path, weights=False)
+    if not fast.file_quant(ckpt.meta) or ckpt.tokenizer is None or kernels.load() is None:
+        return None
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    return model, ckpt.tokenizer, ckpt, fast.decoder_from_gguf(path)[0]
+
+
 def load_decoder(model, ckpt: Checkpoint | None, engine: str = "auto", device: str = "cpu"):
     """The fast CPU decoder (llmos/fast.py) for a loaded model, on CUDA the CUDA-graph decoder
     (llmos/graphs.py), or None for the PyTorch path.

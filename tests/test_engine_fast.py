@@ -222,9 +222,10 @@ def test_load_decoder_choices(ext, model, monkeypatch):
 
     ckpt = Checkpoint(model.cfg, {}, TOK, {"format": "hf", "path": "x"})
     assert registry.load_decoder(model, ckpt, "torch") is None
-    assert registry.load_decoder(model, ckpt, "auto", device="cuda") is None
-    with pytest.raises(LlmosError, match="--engine fast runs on the CPU"):
-        registry.load_decoder(model, ckpt, "fast", device="cuda")
+    from llmos.graphs import GraphDecoder  # off the CPU: the fixed-shape decoder that CUDA records as a graph
+
+    assert isinstance(registry.load_decoder(model, ckpt, "auto", device="cuda"), GraphDecoder)
+    assert isinstance(registry.load_decoder(model, ckpt, "fast", device="cuda"), GraphDecoder)
     with pytest.raises(LlmosError, match="unknown engine"):
         registry.load_decoder(model, ckpt, "turbo")
     dec = registry.load_decoder(model, ckpt, "auto")
@@ -260,18 +261,20 @@ def test_bundled_smollm2_answers_on_both_engines(ext, capsys, monkeypatch):
     from llmos.formats import read_checkpoint
 
     cache = {}  # read the 98 MB file once
-    monkeypatch.setattr(registry, "read_checkpoint", lambda p: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
-    built = []
-    real = fast.decoder_from_gguf
+    monkeypatch.setattr(registry, "read_checkpoint", lambda p, weights=True: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
+    built, floats = [], []
+    real, real_model = fast.decoder_from_gguf, registry.build_model
     monkeypatch.setattr(fast, "decoder_from_gguf", lambda *a, **k: built.append(a) or real(*a, **k))
+    monkeypatch.setattr(registry, "build_model", lambda *a, **k: floats.append(a) or real_model(*a, **k))
     france = ["run", "smollm2", "What is the capital of France?", "--max-tokens", "12", "--temperature", "0"]
     code, out, err = run_cli(capsys, *france, "--engine", "fast")
     assert code == 0, err
     assert out.startswith("L'Étoile, la Marseillaise") and len(built) == 1  # the file's Q4_1 blocks, in the kernels
     code, out, err = run_cli(capsys, "run", "smollm2", "Who wrote Hamlet?", "--max-tokens", "12", "--temperature", "0")
     assert code == 0 and "Shakespeare" in out and len(built) == 2  # auto: the fast engine
+    assert floats == []  # one prompt at a time on the kernels: no float copy of the weights was made
     code, out, err = run_cli(capsys, *france, "--engine", "torch")
-    assert code == 0 and "Paris" in out and len(built) == 2
+    assert code == 0 and "Paris" in out and len(built) == 2 and len(floats) == 1
 
 
 @pytest.fixture(scope="module")
