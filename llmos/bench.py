@@ -208,8 +208,7 @@ def run_one(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     precision, group = spec["precision"], spec.get("group_size")
-    engine = spec.get("engine", "torch")
-    if engine == "fast":
+    if spec.get("engine", "torch") == "fast":
         return run_fast(spec)
     group = quant.check_scheme(precision, group) if precision in quant.SCHEMES else None
     t = time.perf_counter()
@@ -223,64 +222,51 @@ def run_one(spec: dict) -> dict:
         model, _, ckpt = quant.load_precision(spec["model"], precision, group_size=group)
         name = ckpt.meta.get("name") or spec["model"]
     load_s = time.perf_counter() - t
-    cfg = model.cfg
-    prefill, decode, reps = spec["prefill"], spec["decode"], spec["reps"]
-    if prefill + decode > cfg.max_seq_len:
-        raise LlmosError(f"--prefill {prefill} + --decode {decode} exceed {name}'s context of {cfg.max_seq_len}")
-
-    time_prefill(model, min(16, prefill))  # warm-up: first calls pick kernels and allocate
-    time_decode(model, min(4, decode))
-    pp = [prefill / time_prefill(model, prefill) for _ in range(reps)]
-    tg = [decode / time_decode(model, decode) for _ in range(reps)]
-    ft = [time_first_token(model, min(TTFT_PROMPT, prefill), decode) for _ in range(reps)]
-
-    per_token = planner.bytes_per_token(cfg, precision, group or 32)
-    ctx = max(prefill, decode + 1, min(TTFT_PROMPT, prefill) + decode)
-    plan = planner.plan(src, precision, ctx=ctx, prompt=prefill, group_size=group or 32)
-    (decode_s, decode_sd), (prefill_s, prefill_sd), (ttft, ttft_sd) = mean_sd(tg), mean_sd(pp), mean_sd(ft)
-    ceiling = spec["bandwidth"] / per_token
-    return {
-        "precision": precision, "engine": "torch", "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),
-        "ttft_s": round(ttft, 4), "peak_rss_mb": round(peak_rss() / 1e6, 1), "ceiling_tok_s": round(ceiling, 1),
-        "model": name, "random_weights": bool(spec.get("shape")), "params": cfg.num_params(),
-        "group_size": group, "decode_tok_s_sd": round(decode_sd, 2), "prefill_tok_s_sd": round(prefill_sd, 1),
-        "ttft_s_sd": round(ttft_sd, 4), "decode_tokens": decode, "prefill_tokens": prefill,
-        "ttft_prompt_tokens": min(TTFT_PROMPT, prefill), "reps": reps, "ceiling_fraction": round(decode_s / ceiling, 3),
-        "bytes_per_token": per_token, "bandwidth_gb_s": round(spec["bandwidth"] / 1e9, 2),
-        "rss_mb": round(current_rss() / 1e6, 1), "planned_peak_mb": round(plan["peak"] / 1e6, 1),
-        "planned_running_mb": round(plan["running"] / 1e6, 1), "load_s": round(load_s, 2),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-    }
+    timings = measure(spec, name, model.cfg, lambda n: time_prefill(model, n), lambda n: time_decode(model, n),
+                      lambda n: time_first_token(model, n, spec["decode"]))
+    per_token = planner.bytes_per_token(model.cfg, precision, group or 32)
+    return record(spec, "torch", name, model.cfg, src, group, per_token, load_s, timings)
 
 
 def run_fast(spec: dict) -> dict:
     """run_one on the fast decoder: the same tests and record keys."""
     from llmos import fast
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     precision = spec["precision"]
     t = time.perf_counter()
     dec, src, name = fast_decoder(spec, precision)
     load_s = time.perf_counter() - t
-    cfg = dec.cfg
+    timings = measure(spec, name, dec.cfg, lambda n: time_fast_prefill(dec, n), lambda n: time_fast_decode(dec, n),
+                      lambda n: time_fast_first_token(dec, n))
+    # What one decode step reads: every matrix as packed, the head (a tied one too) whole, one row of the embedding.
+    per_token = sum(w.nbytes() for n, w in dec.weights.items() if n != "embed.weight" and isinstance(w, fast.Weight))
+    group = 32 if precision in quant.SCHEMES else None
+    return record(spec, "fast", name, dec.cfg, src, group, per_token, load_s, timings, backend=dec.backend)
+
+
+def measure(spec: dict, name: str, cfg, prefill_s, decode_s, first_s):
+    """Warm up, then --reps runs of each test: (mean, sd) of decode tok/s, prefill tok/s and TTFT.
+    prefill_s(n), decode_s(n), first_s(prompt): seconds for n tokens / to the first token."""
     prefill, decode, reps = spec["prefill"], spec["decode"], spec["reps"]
     if prefill + decode > cfg.max_seq_len:
         raise LlmosError(f"--prefill {prefill} + --decode {decode} exceed {name}'s context of {cfg.max_seq_len}")
-    time_fast_prefill(dec, min(16, prefill))  # warm-up
-    time_fast_decode(dec, min(4, decode))
-    pp = [prefill / time_fast_prefill(dec, prefill) for _ in range(reps)]
-    tg = [decode / time_fast_decode(dec, decode) for _ in range(reps)]
-    ft = [time_fast_first_token(dec, min(TTFT_PROMPT, prefill)) for _ in range(reps)]
-    # What one decode step reads: every matrix as packed, the head (a tied one too) whole, one row of the embedding.
-    per_token = sum(w.nbytes() for n, w in dec.weights.items() if n != "embed.weight" and isinstance(w, fast.Weight))
+    prefill_s(min(16, prefill))  # warm-up: first calls pick kernels and allocate
+    decode_s(min(4, decode))
+    pp = [prefill / prefill_s(prefill) for _ in range(reps)]
+    tg = [decode / decode_s(decode) for _ in range(reps)]
+    ft = [first_s(min(TTFT_PROMPT, prefill)) for _ in range(reps)]
+    return mean_sd(tg), mean_sd(pp), mean_sd(ft)
+
+
+def record(spec, engine, name, cfg, src, group, per_token, load_s, timings, **extra) -> dict:
+    """One precision's JSON record: the issue's keys first, then the details."""
+    precision, prefill, decode, reps = spec["precision"], spec["prefill"], spec["decode"], spec["reps"]
+    (decode_s, decode_sd), (prefill_s, prefill_sd), (ttft, ttft_sd) = timings
     ctx = max(prefill, decode + 1, min(TTFT_PROMPT, prefill) + decode)
-    group = 32 if precision in quant.SCHEMES else None
-    plan = planner.plan(src, precision, ctx=ctx, prompt=prefill, group_size=32)
-    (decode_s, decode_sd), (prefill_s, prefill_sd), (ttft, ttft_sd) = mean_sd(tg), mean_sd(pp), mean_sd(ft)
+    plan = planner.plan(src, precision, ctx=ctx, prompt=prefill, group_size=group or 32)
     ceiling = spec["bandwidth"] / per_token
     return {
-        "precision": precision, "engine": "fast", "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),
+        "precision": precision, "engine": engine, "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),
         "ttft_s": round(ttft, 4), "peak_rss_mb": round(peak_rss() / 1e6, 1), "ceiling_tok_s": round(ceiling, 1),
         "model": name, "random_weights": bool(spec.get("shape")), "params": cfg.num_params(),
         "group_size": group, "decode_tok_s_sd": round(decode_sd, 2), "prefill_tok_s_sd": round(prefill_sd, 1),
@@ -289,7 +275,7 @@ def run_fast(spec: dict) -> dict:
         "bytes_per_token": per_token, "bandwidth_gb_s": round(spec["bandwidth"] / 1e9, 2),
         "rss_mb": round(current_rss() / 1e6, 1), "planned_peak_mb": round(plan["peak"] / 1e6, 1),
         "planned_running_mb": round(plan["running"] / 1e6, 1), "load_s": round(load_s, 2),
-        "threads": torch.get_num_threads(), "backend": dec.backend, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), **extra, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
 
