@@ -178,6 +178,13 @@ def fast_decoder(spec: dict, precision: str):
     from llmos import fast
 
     build = "bf16" if precision in quant.SCHEMES else precision
+    if not spec.get("shape"):  # a GGUF file whose blocks are this precision: as `llmos run` loads it
+        src = planner.source(spec["model"])
+        if src.blocks and planner.BLOCK_PRECISION[src.blocks] == precision:
+            from llmos import registry
+
+            _, _, ckpt, dec = registry.load_fast_only(spec["model"])
+            return dec, src, ckpt.meta.get("name") or spec["model"]
     if spec.get("shape"):
         src = planner.Source(spec["shape"], planner.SIZES[SHAPES[spec["shape"]]], "random", tokenizer=False)
         src.read_bytes = src.config.num_params() * (4 if build == "f32" else 2)
@@ -263,7 +270,7 @@ def record(spec, engine, name, cfg, src, group, per_token, load_s, timings, **ex
     precision, prefill, decode, reps = spec["precision"], spec["prefill"], spec["decode"], spec["reps"]
     (decode_s, decode_sd), (prefill_s, prefill_sd), (ttft, ttft_sd) = timings
     ctx = max(prefill, decode + 1, min(TTFT_PROMPT, prefill) + decode)
-    plan = planner.plan(src, precision, ctx=ctx, prompt=prefill, group_size=group or 32)
+    plan = planner.plan(src, precision, ctx=ctx, prompt=prefill, group_size=group or 32, engine=engine)
     ceiling = spec["bandwidth"] / per_token
     return {
         "precision": precision, "engine": engine, "decode_tok_s": round(decode_s, 2), "prefill_tok_s": round(prefill_s, 1),

@@ -403,6 +403,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     s.add_argument("--train", choices=["none", "full", "lora"], default="none", help="plan training instead of inference")
     s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
+    s.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
+                   help="plan the fast C++ decoder (one sequence, what llmos run uses) or the PyTorch model (batches, training); auto: as llmos run would")
     s.add_argument("--table", action="store_true", help="7B to 175B at fp32, fp16, int8, int4: weights + KV cache")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_fit)

@@ -332,10 +332,11 @@ class Engine:
         step = lambda chosen: self.model(chosen[:, None], cache)[:, -1].float()
         return self.model(tokens, cache, last=True)[:, -1].float(), step
 
-    def _fast_logits(self, prompt):
+    def _fast_logits(self, prompt, budget: int):
         """The same for one prompt on the fast decoder (which the caller has claimed)."""
         dec = self.fast
         dec.reset()
+        dec.reserve(len(prompt) + budget)  # the cache at its final size at once, not doubled on the way
         return dec.prefill(prompt)[None], lambda chosen: dec.decode(int(chosen[0]))[None]
 
     @torch.inference_mode()
@@ -356,7 +357,7 @@ class Engine:
                 self._fast_lock.release()
 
     def _loop(self, prompts, params: SamplingParams, budgets: list[int], fast: bool) -> Iterator[list[Piece | None]]:
-        logits, step = self._fast_logits(prompts[0]) if fast else self._model_logits(prompts, budgets)  # prefill
+        logits, step = self._fast_logits(prompts[0], budgets[0]) if fast else self._model_logits(prompts, budgets)  # prefill
         device = logits.device
         stop_ids = self.eos_ids | set(params.stop_token_ids)
         rows = [Sequence(self.tokenizer, stop_ids, params.stop, budget) for budget in budgets]

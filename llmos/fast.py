@@ -47,6 +47,7 @@ from llmos.model import Config, Transformer, rope_frequencies
 
 F32, BF16, Q8, Q4 = 0, 1, 2, 3
 QUANTS = (None, "f32", "bf16", "int8", "q8_0", "int4", "q4_0", "q4_1")
+PREFILL_CHUNK = 512  # prompt tokens per forward in prefill (llama.cpp's default micro-batch)
 LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2")  # the kernel's order
 
 # ----------------------------------------------------------------------------
@@ -166,6 +167,18 @@ QUANTIZERS = {"int8": quantize_q8_0, "q8_0": quantize_q8_0, "int4": quantize_q4_
               "q4_1": quantize_q4_1}
 
 
+def quantize_rows(how: str, w: torch.Tensor, rows: int = 4096) -> Weight:
+    """QUANTIZERS[how](w), a slice of rows at a time: the quantizers' float32 temporaries (several copies
+    of what they quantize) then stay a few MB even for a 49k-row embedding used as the head. Rows are
+    independent, so the result is the same bytes."""
+    if w.shape[0] <= rows:
+        return QUANTIZERS[how](w)
+    parts = [QUANTIZERS[how](w[i : i + rows]) for i in range(0, w.shape[0], rows)]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)
+    return Weight(parts[0].fmt, cat([p.w for p in parts]), w.shape[0], w.shape[1], cat([p.d for p in parts]),
+                  cat([p.m for p in parts]), parts[0].koff)
+
+
 def from_gguf_blocks(raw, qtype: str, N: int, K: int) -> Weight:
     """A GGUF tensor's raw bytes (numpy uint8, N rows of blocks) → the kernel format, no float round trip."""
     import numpy as np
@@ -264,7 +277,7 @@ def pack_model(model: Transformer, quant: str | None = None, head: str | None = 
 
     def convert(w: torch.Tensor, how: str | None) -> Weight:
         if how in QUANTIZERS:
-            return QUANTIZERS[how](w)
+            return quantize_rows(how, w)
         if how == "f32":
             w = w.float()
         elif how == "bf16":
@@ -296,15 +309,16 @@ def pack_model(model: Transformer, quant: str | None = None, head: str | None = 
     return out
 
 
-def pack_gguf(path) -> tuple[Config, dict, object]:
-    """(config, weights, Checkpoint without state dict) of a GGUF file: Q8_0/Q4_0/Q4_1 tensors go
-    straight into the kernel formats; every other type is dequantized by llmos.formats.gguf."""
+def pack_gguf(path, opened=None, tokenizer: bool = True) -> tuple[Config, dict, object]:
+    """(config, weights, Tokenizer or None) of a GGUF file: Q8_0/Q4_0/Q4_1 tensors go straight into
+    the kernel formats; every other type is dequantized by llmos.formats.gguf. opened: open_gguf's
+    result when the caller has parsed the file already (its fields cost ~1.3 KB a vocabulary entry)."""
     from pathlib import Path
 
     from llmos.formats import gguf as g
 
     path = Path(path)
-    reader, fields = g.open_gguf(path)
+    reader, fields = opened or g.open_gguf(path)
     arch = fields.get("general.architecture")
     if arch not in g.ARCHS:
         raise LlmosError(f"{path}: GGUF architecture {arch!r} is not supported; llmos runs 'llama' and 'qwen2' files")
@@ -335,8 +349,8 @@ def pack_gguf(path) -> tuple[Config, dict, object]:
     from llmos.tokenizer import Tokenizer
 
     tok_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
-    tokenizer = Tokenizer.from_gguf_fields(tok_fields) if "tokenizer.ggml.tokens" in tok_fields else None
-    return cfg, out, tokenizer
+    tok = Tokenizer.from_gguf_fields(tok_fields) if tokenizer and "tokenizer.ggml.tokens" in tok_fields else None
+    return cfg, out, tok
 
 
 # ----------------------------------------------------------------------------
@@ -409,6 +423,11 @@ class Decoder:
         if getattr(self, "model", None) is not None:
             self.model.set_cache(self.kc, self.vc, self.cos, self.sin)
 
+    def reserve(self, slots: int):
+        """Room for `slots` positions (at most the context limit) before a sequence starts, so the cache
+        is allocated once at its final size instead of doubling (and copying) as the sequence grows."""
+        self._grow(min(slots, self.limit))
+
     def reset(self):
         self.pos = 0
 
@@ -425,7 +444,9 @@ class Decoder:
         self._grow(self.pos + ids.numel())
         if ids.numel() == 1 and self.ext is not None:
             return self.decode(int(ids[0]))
-        return self._forward(ids)
+        for start in range(0, ids.numel(), PREFILL_CHUNK):  # chunks, so activations do not grow with the prompt
+            logits = self._forward(ids[start : start + PREFILL_CHUNK])
+        return logits
 
     @torch.inference_mode()
     def decode(self, token: int) -> torch.Tensor:
@@ -528,5 +549,5 @@ def decoder_from_quantized(path, max_len: int | None = None, threads: int | None
     for stem, t in layers.items():
         weights[f"{stem}.weight"] = from_quant_tensors(t, q["scheme"], q.get("group_size"))
     head = weights.get("head.weight", weights["embed.weight"])
-    weights["head.weight"] = quantize_q8_0(head.w)
+    weights["head.weight"] = quantize_rows("q8_0", head.w)
     return Decoder(ckpt.config, weights, max_len, threads, kernels), ckpt.tokenizer

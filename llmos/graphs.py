@@ -58,6 +58,9 @@ class GraphDecoder:
         self.graph = None
         self.pos = 0
 
+    def reserve(self, slots: int) -> None:
+        """Nothing to do: the cache spans the whole context from the start (fixed shapes for the graph)."""
+
     def reset(self) -> None:
         self.pos = 0
 

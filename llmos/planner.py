@@ -10,15 +10,27 @@ Every number is bytes counted from the config, the way llmos lays the model out 
                  them (int8 + a bf16 scale per row; int4 + a bf16 scale and zero per group), the
                  embedding, norms and head in bfloat16 (the dtype quantized models compute in)
     KV cache     n_layers x 2 x n_kv_heads x head_dim x ctx x batch x (4 B for f32, else 2 B)
-    activations  the prefill of a whole-context prompt: the engine computes logits for every prompt
-                 position ([batch, ctx, vocab] in the compute dtype) and keeps only the last; or the
-                 MLP's three [batch, ctx, hidden] tensors, whichever is larger, plus the residual stream
+    activations  the prefill of a whole-context prompt: the residual stream and its normed copy, plus
+                 the MLP's three [batch, ctx, hidden] tensors or attention's four [batch, ctx, q] ones,
+                 whichever is larger, and the last position's logits (only those are computed)
     runtime      python + torch + llmos imported, measured once on this machine (RUNTIME_BYTES), and
                  the tokenizer (about 0.5 KB per vocabulary entry, measured on SmolLM2's 49,152)
     loading      reading a file holds the state dict as read (GGUF and llama2.c: float32, dequantized;
                  Hugging Face: as stored) and the file's pages while it is mapped; for GGUF also the
                  dequantizer's temporaries and the parsed metadata. The peak is the larger of loading
                  and running.
+
+The fast CPU engine (--engine fast, what `llmos run` and `llmos bench` use on a CPU with a C++
+compiler; llmos/fast.py) lays memory out differently:
+
+    weights      the packed matrices: GGUF Q8_0 / Q4_0 / Q4_1 blocks of a file as stored (34, 18, 20
+                 bytes per 32 weights; other tensor types dequantized to float32), or at int8/int4 every
+                 linear layer as Q8_0 / Q4_0 blocks with a Q8_0 head and the embedding in bfloat16;
+                 float precisions share the model's own tensors
+    KV cache     float32 always, sized to the context
+    activations  prefill runs in chunks of 512 tokens (PREFILL_CHUNK), so they stop growing there
+    loading      a GGUF file read as stored: the mapped file, its parsed metadata and the packed copy;
+                 converted to int8/int4: the model read in bfloat16, then packed one matrix at a time
 
 Training (full): weights and gradients in the float dtype, AdamW's two float32 states, and the
 activations autograd keeps, about 14 x dim + 4 x kv_dim + 4 x hidden values per layer per token
@@ -34,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,13 +131,53 @@ def kv_bytes(cfg: Config, ctx: int, batch: int = 1, precision: str = "f32") -> i
 
 
 def activation_bytes(cfg: Config, tokens: int, batch: int = 1, precision: str = "f32") -> int:
-    """Peak activations of a prefill of `tokens` tokens per row (the engine computes logits for every
-    prompt position, then keeps the last): the residual stream and its normed copy, plus the largest
-    of the logits, the MLP's three hidden-width tensors and attention's q, repeated k/v and output."""
+    """Peak activations of a prefill of `tokens` tokens per row (model.forward(last=True): logits of the
+    last position only): the residual stream and its normed copy, plus the larger of the MLP's three
+    hidden-width tensors and attention's q, repeated k/v and output, plus the last logits in float32."""
     b, n = FLOAT_BYTES[precision], batch * tokens
     q = cfg.n_heads * cfg.head_dim
-    widest = max(cfg.vocab_size, 3 * cfg.hidden_dim, 4 * q)
-    return n * b * (2 * cfg.dim + widest) + batch * cfg.vocab_size * 4  # + the last position in float32
+    widest = max(3 * cfg.hidden_dim, 4 * q)
+    return n * b * (2 * cfg.dim + widest) + batch * cfg.vocab_size * (b + 4)  # + the last position in float32
+
+
+# The fast CPU engine (llmos/fast.py)
+
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights, as GGUF stores them
+FAST_QUANT = {"int8": "Q8_0", "int4": "Q4_0"}  # what the fast engine packs each precision into
+PREFILL_CHUNK = 512  # llmos.fast.PREFILL_CHUNK (kept here so planning does not import torch's kernels)
+
+
+def fast_weight_bytes(cfg: Config, precision: str) -> int:
+    """Bytes of the fast decoder's weights built from a model at `precision`: float precisions share the
+    model's tensors (f16 adds a float32 copy); int8/int4 pack every linear layer into Q8_0/Q4_0 blocks,
+    add a Q8_0 head (a tied embedding too) and keep the embedding in bfloat16. Norms and biases float32."""
+    check_precision(precision)
+    params = cfg.num_params()
+    biases = sum(o for o, _, b in linear_shapes(cfg) if b)
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    if precision == "f32":
+        return params * 4
+    if precision == "bf16":  # the norms and biases as float32 copies
+        return params * 2 + (norms + biases) * 4
+    if precision == "f16":
+        return params * (2 + 4)
+    per_block = BLOCK_BYTES[FAST_QUANT[precision]]
+    linear = sum(o * i for o, i, _ in linear_shapes(cfg))
+    embed = cfg.vocab_size * cfg.dim
+    return linear // 32 * per_block + embed * 2 + embed // 32 * BLOCK_BYTES["Q8_0"] + (norms + biases) * 4
+
+
+def fast_kv_bytes(cfg: Config, ctx: int, batch: int = 1) -> int:
+    """The fast decoder's float32 cache for `ctx` slots, with its rotary tables."""
+    return kv_bytes(cfg, ctx, batch, "f32") + ctx * cfg.head_dim * 4
+
+
+def fast_activation_bytes(cfg: Config, tokens: int) -> int:
+    """Prefill activations of the fast engine, float32, one chunk of at most PREFILL_CHUNK tokens: the
+    residual stream and its normed copy, q/k/v and their rotated copies, the MLP's gate, up, their
+    product and its int8 form, and the last logits."""
+    n, q, kv = min(tokens, PREFILL_CHUNK), cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return n * 4 * (2 * cfg.dim + 2 * (q + 2 * kv) + 4 * cfg.hidden_dim) + cfg.vocab_size * 4
 
 
 def runtime_bytes(cfg: Config, tokenizer: bool = True) -> int:
@@ -146,6 +199,8 @@ class Source:
     precision: str | None = None  # what the file stores, when it is one of PRECISIONS
     tokenizer: bool = True  # loaded with the model (random-weight benchmark models have none)
     group_size: int | None = None  # of an int4 file
+    blocks: str | None = None  # a GGUF file's quantized block type that the fast engine takes as stored
+    stored_fast: int = 0  # bytes of the fast engine's weights taken from that file as stored
 
 
 def source(name: str) -> Source:
@@ -183,7 +238,14 @@ def source(name: str) -> Source:
         kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
         stored = {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(kinds.pop()) if len(kinds) == 1 else None
         temporary = max(gguf_temporary(t) for t in reader.tensors) + cfg.vocab_size * GGUF_FIELDS_BYTES_PER_ENTRY
-        return Source(path.name, cfg, "gguf", path.stat().st_size, cfg.num_params() * 4, temporary, stored)
+        counts = Counter(t.tensor_type.name for t in reader.tensors if t.tensor_type.name in BLOCK_BYTES)
+        blocks = max(counts, key=counts.get) if counts else None  # as llmos.fast.file_quant picks
+        # the fast engine's weights as stored: block types as they are, 2-D tensors of other types as float32
+        # (a tied embedding serves as the head), norms float32
+        stored_fast = sum(int(t.n_bytes) if t.tensor_type.name in BLOCK_BYTES else int(t.n_elements) * 4
+                          for t in reader.tensors)
+        return Source(path.name, cfg, "gguf", path.stat().st_size, cfg.num_params() * 4, temporary, stored,
+                      blocks=blocks, stored_fast=stored_fast)
     from llmos.formats import read_checkpoint  # llama2.c: the header gives the config
 
     ckpt = read_checkpoint(path, weights=False)
@@ -246,10 +308,14 @@ def loading_bytes(src: Source, precision: str, group_size: int = 32) -> int:
 # Plans
 
 
+BLOCK_PRECISION = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+
+
 def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: int = 1, train: str = "none",
-         prompt: int | None = None, group_size: int = 32) -> dict:
+         prompt: int | None = None, group_size: int = 32, engine: str = "torch") -> dict:
     """Bytes of every part and the peak, for inference (train="none") or training ("full", "lora").
-    prompt: tokens of the prefill (default: the whole context, the worst case)."""
+    prompt: tokens of the prefill (default: the whole context, the worst case). engine: "torch" (the
+    model; batches; training) or "fast" (the C++ decoder, one sequence at a time)."""
     src = cfg_or_source if isinstance(cfg_or_source, Source) else Source("model", cfg_or_source, "size")
     cfg = src.config
     check_precision(precision)
@@ -276,11 +342,29 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
         parts["optimizer"] = trained * 8  # AdamW: exp_avg and exp_avg_sq in float32
         per_token = cfg.n_layers * (14 * cfg.dim + 4 * cfg.n_kv_heads * cfg.head_dim + 4 * cfg.hidden_dim) * b
         parts["activations"] = batch * ctx * (per_token + cfg.vocab_size * (b + 8))
+    stored = False
+    if engine == "fast":
+        if train != "none" or batch != 1:
+            raise LlmosError("the fast engine runs one sequence and no training; plan batches and training with --engine torch")
+        stored = src.blocks is not None and BLOCK_PRECISION[src.blocks] == precision
+        parts["weights"] = src.stored_fast if stored else fast_weight_bytes(cfg, precision)
+        parts["kv_cache"] = fast_kv_bytes(cfg, ctx)
+        parts["activations"] = fast_activation_bytes(cfg, min(prompt or ctx, ctx))
+        group_size = 32
+    elif engine != "torch":
+        raise LlmosError(f"unknown engine {engine!r}; use fast or torch")
     running = sum(parts.values())
-    loading = parts["runtime"] + loading_bytes(src, precision, group_size)
+    if stored:  # the mapped file, its parsed metadata and the packed copy at once
+        loading = parts["runtime"] + src.file_bytes + cfg.vocab_size * GGUF_FIELDS_BYTES_PER_ENTRY + parts["weights"]
+    elif engine == "fast" and precision in FAST_QUANT:  # read in bfloat16, then packed matrix by matrix
+        biggest = max(o * i for o, i, _ in linear_shapes(cfg)) * 4 * 3
+        loading = parts["runtime"] + max(loading_bytes(src, "bf16"), weight_bytes(cfg, "bf16") + parts["weights"] + biggest)
+    else:
+        loading = parts["runtime"] + loading_bytes(src, precision, group_size)
     return {"model": src.name, "params": cfg.num_params(), "precision": precision, "group_size": group_size
             if precision == "int4" else None, "ctx": ctx, "batch": batch, "train": train, "prompt": prompt or ctx,
-            "source": src.format, **parts, "running": running, "loading": loading, "peak": max(running, loading)}
+            "source": src.format, "engine": engine, "stored_blocks": src.blocks if stored else None, **parts,
+            "running": running, "loading": loading, "peak": max(running, loading)}
 
 
 # ----------------------------------------------------------------------------
@@ -332,13 +416,13 @@ def advice(p: dict, src_or_cfg, here: dict) -> list[str]:
         return lines
     lines.append(f"does not fit in RAM: needs {gb(need)}, {gb(ram)} available ({gb(need - ram)} short)")
     if p["train"] == "full":
-        lora = plan(src_or_cfg, p["precision"], p["ctx"], p["batch"], "lora", group_size=p["group_size"] or 32)
+        lora = plan(src_or_cfg, p["precision"], p["ctx"], p["batch"], "lora", group_size=p["group_size"] or 32)  # torch
         lines.append(f"  --train lora needs {gb(lora['peak'])}" + (" and fits" if lora["peak"] <= ram else ""))
     smallest = None
     for q in ("bf16", "int8", "int4"):
         if p["train"] == "full" and q.startswith("int"):
             continue
-        other = plan(src_or_cfg, q, p["ctx"], p["batch"], p["train"], group_size=p["group_size"] or 32)
+        other = plan(src_or_cfg, q, p["ctx"], p["batch"], p["train"], group_size=p["group_size"] or 32, engine=p["engine"])
         if other["weights"] >= p["weights"]:
             continue  # not smaller than what was asked
         smallest = other
@@ -351,7 +435,8 @@ def advice(p: dict, src_or_cfg, here: dict) -> list[str]:
     if scalable > least["peak"] - ram > 0:
         shorter = int(least["ctx"] * (1 - (least["peak"] - ram) / scalable)) // 256 * 256
         if shorter >= 256:
-            fit = plan(src_or_cfg, least["precision"], shorter, p["batch"], p["train"], group_size=p["group_size"] or 32)
+            fit = plan(src_or_cfg, least["precision"], shorter, p["batch"], p["train"], group_size=p["group_size"] or 32,
+                       engine=p["engine"])
             if fit["peak"] <= ram:
                 lines.append(f"  --quant {least['precision']} --ctx {shorter} needs {gb(fit['peak'])} and fits")
                 return lines
@@ -391,6 +476,8 @@ def table(ctx: int = 4096) -> list[dict]:
 
 def describe(p: dict, cfg: Config) -> list[str]:
     f = FLOAT_BYTES[p["precision"]]
+    if p["engine"] == "fast":
+        return describe_fast(p, cfg)
     what = {
         "weights": f"{p['precision']}" + (" layers" if p["precision"].startswith("int") else "")
         + (f" (groups of {p['group_size']})" if p["group_size"] else "")
@@ -412,6 +499,45 @@ def describe(p: dict, cfg: Config) -> list[str]:
     return lines
 
 
+def describe_fast(p: dict, cfg: Config) -> list[str]:
+    if p["stored_blocks"]:
+        weights = f"the file's {p['stored_blocks']} blocks as stored, other tensors float32"
+    elif p["precision"] in FAST_QUANT:
+        weights = f"{FAST_QUANT[p['precision']]} layers, Q8_0 head, bf16 embedding"
+    else:
+        weights = p["precision"] + (" model + a float32 copy for the kernels" if p["precision"] == "f16" else ", shared with the model")
+    what = {
+        "weights": weights,
+        "kv_cache": f"{cfg.n_layers} layers x 2 x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x {p['ctx']} tokens x 4 B",
+        "activations": f"prefill in chunks of {min(p['prompt'], PREFILL_CHUNK)} tokens, float32",
+        "runtime": f"python + torch + llmos {gb(RUNTIME_BYTES)} (measured) and the tokenizer",
+    }
+    lines = [f"{k:<13} {gb(p[k]):>10}   {what[k]}" for k in what if p[k]]
+    lines.append(f"{'running':<13} {gb(p['running']):>10}   fast engine (one sequence; --engine torch plans the model path)")
+    if p["source"] != "size":
+        lines.append(f"{'loading':<13} {gb(p['loading']):>10}   reading the {p['source']} file and packing it (freed before running)")
+    lines.append(f"{'peak':<13} {gb(p['peak']):>10}")
+    return lines
+
+
+def pick_engine(engine: str | None, train: str = "none", batch: int = 1) -> str:
+    """The engine `llmos run` would use: auto → fast for one sequence when the C++ kernels build here."""
+    engine = engine or "auto"
+    if engine not in ("auto", "fast", "torch"):
+        raise LlmosError(f"unknown engine {engine!r}; use auto, fast or torch")
+    if engine != "auto":
+        return engine
+    if train != "none" or batch != 1:
+        return "torch"
+    import contextlib
+    import io
+
+    from llmos import kernels
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return "fast" if kernels.load() is not None else "torch"
+
+
 def cmd_fit(args) -> int:
     if args.table:
         print(f"{'size':<6}{'precision':<11}{'weights':>11}{'KV @ ' + str(args.ctx or 4096):>12}{'total':>11}   smallest GPU")
@@ -421,10 +547,13 @@ def cmd_fit(args) -> int:
     if args.model is None:
         raise LlmosError("name a model (a file, a directory, a name, or a size like 7b), or pass --table")
     src = source(args.model)
-    precision = args.quant or src.precision or "f32"
+    engine = pick_engine(getattr(args, "engine", None), args.train, args.batch)
+    stored = BLOCK_PRECISION.get(src.blocks) if engine == "fast" else None  # llmos run takes the blocks as stored
+    precision = args.quant or src.precision or stored or "f32"
     if src.format.startswith("llmos") and precision != src.precision:
         raise LlmosError(f"{args.model} is quantized to {src.precision}; plan it as --quant {src.precision}")
-    p = plan(src, precision, args.ctx, args.batch, args.train, group_size=args.group_size or src.group_size or 32)
+    p = plan(src, precision, args.ctx, args.batch, args.train, group_size=args.group_size or src.group_size or 32,
+             engine=engine)
     here = machine()
     if args.json:
         print(json.dumps({**p, "machine": here, "advice": advice(p, src, here)}, indent=2))

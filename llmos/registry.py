@@ -200,16 +200,23 @@ def load_fast_only(name):
     model is built on the meta device, for its config). None when that does not apply or the kernels
     cannot be built; the caller then loads the model as usual. For one prompt at a time (`llmos run`)."""
     from llmos import fast, kernels
+    from llmos.formats import gguf
 
     path = resolve(name)
     if path.suffix.lower() != ".gguf":
         return None
-    ckpt = read_checkpoint(path, weights=False)
+    opened = gguf.open_gguf(path)  # parsed once for both: the fields of a 49k vocabulary hold ~64 MB
+    ckpt = gguf.read(path, weights=False, opened=opened)
     if not fast.file_quant(ckpt.meta) or ckpt.tokenizer is None or kernels.load() is None:
         return None
     with torch.device("meta"):
         model = Transformer(ckpt.config)
-    return model, ckpt.tokenizer, ckpt, fast.decoder_from_gguf(path)[0]
+    cfg, weights, _ = fast.pack_gguf(path, opened, tokenizer=False)
+    del opened
+    from llmos.quant import release_memory
+
+    release_memory()  # the parsed metadata's heap goes back to the system
+    return model, ckpt.tokenizer, ckpt, fast.Decoder(cfg, weights)
 
 
 def load_decoder(model, ckpt: Checkpoint | None, engine: str = "auto", device: str = "cpu"):

@@ -263,8 +263,8 @@ def test_bundled_smollm2_answers_on_both_engines(ext, capsys, monkeypatch):
     cache = {}  # read the 98 MB file once
     monkeypatch.setattr(registry, "read_checkpoint", lambda p, weights=True: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
     built, floats = [], []
-    real, real_model = fast.decoder_from_gguf, registry.build_model
-    monkeypatch.setattr(fast, "decoder_from_gguf", lambda *a, **k: built.append(a) or real(*a, **k))
+    real, real_model = fast.pack_gguf, registry.build_model
+    monkeypatch.setattr(fast, "pack_gguf", lambda *a, **k: built.append(a) or real(*a, **k))
     monkeypatch.setattr(registry, "build_model", lambda *a, **k: floats.append(a) or real_model(*a, **k))
     france = ["run", "smollm2", "What is the capital of France?", "--max-tokens", "12", "--temperature", "0"]
     code, out, err = run_cli(capsys, *france, "--engine", "fast")

@@ -7,6 +7,7 @@ the 7B-175B table, fit advice, and bad input.
 from argparse import Namespace
 
 import pytest
+import torch
 
 from llmos import planner, quant
 from llmos.errors import LlmosError
@@ -65,12 +66,62 @@ def test_kv_cache_by_hand_and_as_allocated():
 
 
 def test_activations_by_hand():
-    # 10 tokens: residual + normed copy (2 x 64) and the widest of logits 100, MLP 3 x 128, attention 4 x 64,
-    # in float32, plus the last position's logits in float32
-    assert planner.activation_bytes(CFG, 10, 1, "f32") == 10 * 4 * (2 * 64 + 384) + 100 * 4 == 20_880
-    # a 49,152-token vocabulary: the logits of every prompt position dominate
+    # 10 tokens: residual + normed copy (2 x 64) and the wider of MLP 3 x 128, attention 4 x 64, in float32,
+    # plus the last position's logits (forward(last=True) computes no others) and their float32 copy
+    assert planner.activation_bytes(CFG, 10, 1, "f32") == 10 * 4 * (2 * 64 + 384) + 100 * (4 + 4) == 21_280
+    # a 49,152-token vocabulary costs one row of logits, not one per prompt position
     big = Config(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536)
-    assert planner.activation_bytes(big, 512, 1, "bf16") == 512 * 2 * (2 * 576 + 49152) + 49152 * 4
+    assert planner.activation_bytes(big, 512, 1, "bf16") == 512 * 2 * (2 * 576 + 3 * 1536) + 49152 * (2 + 4)
+
+
+def packed_bytes(weights) -> int:
+    """Bytes of a fast decoder's weights, a tensor shared by two names (a tied head) counted once."""
+    from llmos import fast
+
+    seen, total = set(), 0
+    for w in weights.values():
+        parts = [w.w, w.d, w.m] if isinstance(w, fast.Weight) else [w]
+        for t in parts:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "f32", "bf16"])
+def test_fast_weights_by_hand_and_as_packed(precision):
+    from llmos import fast
+
+    # int8: Q8_0 blocks (34 B per 32) of the 73,728 layer weights; the head as Q8_0 (6,400 / 32 x 34);
+    # the embedding in bf16; 5 norms of 64 in float32. int4: Q4_0 blocks (18 B per 32).
+    per_block = {"int8": 34, "int4": 18}.get(precision)
+    expected = {"f32": PARAMS * 4, "bf16": PARAMS * 2 + 5 * 64 * 4}.get(precision) or (
+        LINEAR // 32 * per_block + 6400 // 32 * 34 + 6400 * 2 + 5 * 64 * 4)
+    assert planner.fast_weight_bytes(CFG, precision) == expected
+    model = Transformer(CFG).to(torch.bfloat16 if precision != "f32" else torch.float32)
+    weights = fast.pack_model(model, precision if precision in ("int8", "int4") else None)
+    kept = 5 * 64 * 2 if precision == "bf16" else 0  # the model's own bf16 norms, beside their float32 copies
+    assert packed_bytes(weights) + kept == expected
+
+
+def test_fast_plan_of_a_gguf_as_stored(tmp_path):
+    from llmos import fast
+    from llmos.formats import Checkpoint, gguf
+
+    gguf.write(Checkpoint(CFG, Transformer(CFG).state_dict(), None, {}), tmp_path / "m.gguf", "q8_0")
+    src = planner.source(str(tmp_path / "m.gguf"))
+    assert src.blocks == "Q8_0"
+    cfg, weights, _ = fast.pack_gguf(tmp_path / "m.gguf")
+    assert src.stored_fast == packed_bytes(weights)
+    p = planner.plan(src, "int8", ctx=32, prompt=8, engine="fast")
+    assert p["stored_blocks"] == "Q8_0" and p["weights"] == src.stored_fast
+    # float32 cache of 32 slots (2 layers x k, v x 2 kv heads x 16) and its rotary tables
+    assert p["kv_cache"] == 2 * 2 * 2 * 16 * 32 * 4 + 32 * 16 * 4
+    assert p["loading"] == p["runtime"] + src.file_bytes + 100 * planner.GGUF_FIELDS_BYTES_PER_ENTRY + p["weights"]
+    converted = planner.plan(src, "int4", ctx=32, engine="fast")  # another precision: read, then packed
+    assert converted["stored_blocks"] is None and converted["weights"] == planner.fast_weight_bytes(CFG, "int4")
+    with pytest.raises(LlmosError, match="one sequence"):
+        planner.plan(src, "int8", batch=2, engine="fast")
 
 
 def test_bytes_per_token_reads_the_head_not_the_embedding():
@@ -174,7 +225,8 @@ def test_machine_reports_ram():
 
 
 def test_fit_command(capsys):
-    args = dict(model=None, ctx=None, quant=None, batch=1, train="none", group_size=None, table=False, json=False)
+    args = dict(model=None, ctx=None, quant=None, batch=1, train="none", group_size=None, table=False, json=False,
+                engine="torch")
     assert planner.cmd_fit(Namespace(**{**args, "table": True})) == 0
     out = capsys.readouterr().out
     assert "7B    fp16          14.00 GB     2.15 GB" in out

@@ -86,10 +86,11 @@ def qk_heads(name: str, cfg: Config) -> int | None:
 # Reading
 
 
-def read(path, weights: bool = True) -> Checkpoint:
-    """weights=False: config, tokenizer and meta only; the state dict stays empty."""
+def read(path, weights: bool = True, opened=None) -> Checkpoint:
+    """weights=False: config, tokenizer and meta only; the state dict stays empty.
+    opened: open_gguf(path)'s result, when the caller has parsed the file already."""
     path = Path(path)
-    reader, fields = open_gguf(path)
+    reader, fields = opened or open_gguf(path)
     arch = fields.get("general.architecture")
     if arch not in ARCHS:
         raise LlmosError(f"{path}: GGUF architecture {arch!r} is not supported; llmos runs 'llama' and 'qwen2' files")
