@@ -48,6 +48,26 @@ from llmos.model import Config, Transformer, rope_frequencies
 F32, BF16, Q8, Q4 = 0, 1, 2, 3
 QUANTS = (None, "f32", "bf16", "int8", "q8_0", "int4", "q4_0", "q4_1")
 PREFILL_CHUNK = 512  # prompt tokens per forward in prefill (llama.cpp's default micro-batch)
+BF16_PREFILL_MIN = 64  # rows from which prefill multiplies bfloat16 copies of quantized weights (see bf16_prefill)
+
+
+def bf16_prefill() -> bool:
+    """Whether prefill multiplies quantized weights as bfloat16 through torch (oneDNN): on CPUs with AMX
+    or AVX512-BF16 a bfloat16 matrix product runs several times faster than the int8 kernels (measured
+    1,047 GFLOP/s against about 150 on a 2-core Xeon with AMX), and dequantizing a matrix per chunk of
+    prompt costs little beside it. Elsewhere bfloat16 products are slow and the int8 kernels run.
+    LLMOS_PREFILL=int8 or bf16 overrides the choice."""
+    import os
+
+    choice = os.environ.get("LLMOS_PREFILL", "auto")
+    if choice in ("int8", "bf16"):
+        return choice == "bf16"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2")  # the kernel's order
 
 # ----------------------------------------------------------------------------
@@ -381,6 +401,7 @@ class Decoder:
         self.inv_freq = rope_frequencies(cfg)
         self.ext = K.load() if kernels else None
         self.backend = "cpp" if self.ext is not None else "torch"
+        self.bf16_prefill = bf16_prefill()  # long prompts through bfloat16 matrix units (see bf16_prefill)
         self.pos = 0
         self.capacity = 0
         self._grow(min(self.limit, reserve))  # cache slots to start with; it doubles as needed
@@ -465,6 +486,13 @@ class Decoder:
         out: dict[str, torch.Tensor] = {}
         if self.ext is not None:
             kern = [n for n in names if self.weights[f"{n}.weight"].fmt in (Q8, Q4)]
+            if kern and x.shape[0] >= BF16_PREFILL_MIN and self.bf16_prefill:  # see bf16_prefill()
+                xb = x.to(torch.bfloat16)
+                for n in kern:
+                    y = F.linear(xb, self.model.dequant_bf16(self.index[f"{n}.weight"])).float()
+                    bias = self.weights.get(f"{n}.bias")
+                    out[n] = y if bias is None else y + bias
+                kern = []
             if kern:  # the kernels add the biases themselves
                 ys = self.model.linear_many([self.index[f"{n}.weight"] for n in kern], x)
                 out.update(zip(kern, ys))

@@ -344,6 +344,44 @@ inline float hsum(__m256 a) {
 }
 
 
+// Integer dot products of one pair of blocks: lanes 0-3 sum block b's products, lanes 4-7 block b+1's
+// (see "Pair-interleaved order"). lo/hi: the weights' elements 0..15 / 16..31 of both blocks, xlo/xhi
+// the activations' in the same order. With VNNI (AVX512-VNNI + VL, or AVX-VNNI) each half is one
+// dpbusd; without, maddubs + madd. The integers are the same: no int16 sum can saturate here (Q4:
+// 2 x 15 x 127; Q8: 2 x 127 x 127, as Q8_0 weights stay within +-127).
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLMOS_VNNI 1
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#elif defined(__AVXVNNI__)
+#define LLMOS_VNNI 1
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#else
+#define LLMOS_VNNI 0
+#endif
+
+// Q4: weights are unsigned (0..15) and multiply the signed activations directly.
+inline __m256i pair_dot_q4(__m256i lo, __m256i hi, __m256i xlo, __m256i xhi) {
+#if LLMOS_VNNI
+    return dpbusd(dpbusd(_mm256_setzero_si256(), lo, xlo), hi, xhi);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)), ones);
+#endif
+}
+
+// Q8: signed x signed as |w| x (x with w's sign).
+inline __m256i pair_dot_q8(__m256i lo, __m256i hi, __m256i xlo, __m256i xhi) {
+    const __m256i ulo = _mm256_sign_epi8(lo, lo), slo = _mm256_sign_epi8(xlo, lo);
+    const __m256i uhi = _mm256_sign_epi8(hi, hi), shi = _mm256_sign_epi8(xhi, hi);
+#if LLMOS_VNNI
+    return dpbusd(dpbusd(_mm256_setzero_si256(), ulo, slo), uhi, shi);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ulo, slo), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(uhi, shi), ones));
+#endif
+}
+
 alignas(32) const int32_t kPairIdx[4][8] = {
     {0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3}, {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
 
@@ -353,7 +391,7 @@ template <int R, int FMT, bool HASM>
 void qgemv(const Mat& W, int64_t r0, const Act& A, int64_t t, float* out) {
     const int64_t nb = W.nb, npair = nb / 2, ngroup = (npair * 2 + 7) / 8;
     const bool bf = W.bf16_scales;
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
     const __m256 koff = _mm256_set1_ps(W.koff);
     const uint8_t* w0 = W.w + r0 * W.row_bytes;
     const int8_t* xq = A.qrow(t);
@@ -395,16 +433,12 @@ void qgemv(const Mat& W, int64_t r0, const Act& A, int64_t t, float* out) {
                 // ahead the out-of-order window covers too few cache lines to reach the bandwidth.
                 if (LLMOS_PREFETCH) _mm_prefetch((const char*)(wp + (FMT == Q4 ? 16 : 32) * b + pf_weights), _MM_HINT_T0);
                 __m256i p;
-                if (FMT == Q4) {  // q in 0..15: unsigned × signed bytes directly; the int16 sums cannot overflow
+                if (FMT == Q4) {
                     const __m256i v = _mm256_loadu_si256((const __m256i*)(wp + 16 * b));
-                    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                    p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)), ones);
-                } else {  // signed × signed: |w| × (x with w's sign), widened before adding
-                    const __m256i lo = _mm256_loadu_si256((const __m256i*)(wp + 32 * b));
-                    const __m256i hi = _mm256_loadu_si256((const __m256i*)(wp + 32 * b + 32));
-                    const __m256i plo = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(xlo, lo));
-                    const __m256i phi = _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(xhi, hi));
-                    p = _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
+                    p = pair_dot_q4(_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), xlo, xhi);
+                } else {
+                    p = pair_dot_q8(_mm256_loadu_si256((const __m256i*)(wp + 32 * b)),
+                                    _mm256_loadu_si256((const __m256i*)(wp + 32 * b + 32)), xlo, xhi);
                 }
                 acc[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dw[r], idx), _mm256_cvtepi32_ps(p), acc[r]);
             }
@@ -434,7 +468,7 @@ template <int FMT, bool HASM>
 void qrow_tile(const Mat& W, int64_t r, const ActTiles& X, int64_t tile, const Act& A, float* out, int64_t ldo) {
     const int64_t nb = W.nb, npair = nb / 2, ngroup = (npair * 2 + 7) / 8;
     const bool bf = W.bf16_scales;
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
     const __m256 koff = _mm256_set1_ps(W.koff);
     const uint8_t* wp = W.w + r * W.row_bytes;
     const uint16_t* dp = W.d + r * nb;
@@ -469,15 +503,7 @@ void qrow_tile(const Mat& W, int64_t r, const ActTiles& X, int64_t tile, const A
             for (int c = 0; c < TC; c++) {
                 const __m256i xlo = _mm256_loadu_si256((const __m256i*)(pp + 96 * c));
                 const __m256i xhi = _mm256_loadu_si256((const __m256i*)(pp + 96 * c + 32));
-                __m256i q;
-                if (FMT == Q4) {
-                    q = _mm256_add_epi16(_mm256_maddubs_epi16(wlo, xlo), _mm256_maddubs_epi16(whi, xhi));
-                    q = _mm256_madd_epi16(q, ones);
-                } else {
-                    const __m256i plo = _mm256_maddubs_epi16(_mm256_sign_epi8(wlo, wlo), _mm256_sign_epi8(xlo, wlo));
-                    const __m256i phi = _mm256_maddubs_epi16(_mm256_sign_epi8(whi, whi), _mm256_sign_epi8(xhi, whi));
-                    q = _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones));
-                }
+                const __m256i q = FMT == Q4 ? pair_dot_q4(wlo, whi, xlo, xhi) : pair_dot_q8(wlo, whi, xlo, xhi);
                 const __m256 scale = _mm256_mul_ps(dwp, _mm256_loadu_ps((const float*)(pp + 96 * c + 64)));
                 acc[c] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(q), acc[c]);
             }
@@ -896,6 +922,42 @@ struct Model {
 
     at::Tensor linear(int64_t i, at::Tensor X) { return linear_many({i}, X)[0]; }
 
+    // Matrix i as bfloat16 [N, K] in natural order: each weight computed in float32 exactly as the
+    // kernels compute it (d * (q + koff) + m), then rounded to nearest even. For prefill of long prompts
+    // on CPUs whose bfloat16 matrix units (AMX, AVX512-BF16) outrun the int8 kernels (llmos/fast.py).
+    at::Tensor dequant_bf16(int64_t i) {
+        const Mat& W = mats.at(i);
+        TORCH_CHECK(W.fmt >= Q8, "dequant_bf16: matrix ", i, " is not quantized");
+        at::Tensor out = at::empty({W.N, W.K}, at::kBFloat16);
+        uint16_t* o = (uint16_t*)out.data_ptr();
+        const int64_t nb = W.nb;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t r = 0; r < W.N; r++) {
+            const uint8_t* wr = W.w + r * W.row_bytes;
+            uint16_t* orow = o + r * W.K;
+            for (int64_t b = 0; b < nb; b++) {
+                const float d = scale_at(W.d + r * nb, b, W.bf16_scales);
+                const float m = W.m ? scale_at(W.m + r * nb, b, W.bf16_scales) : 0.f;
+                float v[32];
+                if (W.fmt == Q8) {
+                    for (int e = 0; e < 32; e++) v[e] = d * (float)(int8_t)wr[pi_index(b, e, nb)];
+                } else {  // as fast.Weight.dequantize: d * (q + koff) + m
+                    const uint8_t* q = wr + 16 * b;
+                    for (int e = 0; e < 16; e++) {
+                        v[e] = d * ((float)(q[e] & 15) + W.koff) + m;
+                        v[e + 16] = d * ((float)(q[e] >> 4) + W.koff) + m;
+                    }
+                }
+                for (int e = 0; e < 32; e++) {  // float32 → bfloat16, round to nearest even
+                    uint32_t u;
+                    std::memcpy(&u, &v[e], 4);
+                    orow[32 * b + e] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+                }
+            }
+        }
+        return out;
+    }
+
     at::Tensor linear_with(const Mat& W, at::Tensor X, const Act& A, const ActTiles& tiles) {
         const int64_t T = X.size(0);
         at::Tensor Y = at::empty({T, W.N}, at::kFloat);
@@ -960,11 +1022,56 @@ std::vector<at::Tensor> quantize_act(at::Tensor x) {
     return {q, d, s};
 }
 
+// Read bandwidth in bytes/s: the best of `reps` passes of `nthreads` threads, each streaming its share of
+// buf the way the decode kernels stream weights (32-byte loads, software prefetch ahead). The ceiling of
+// batch-1 decoding is this divided by the bytes a token reads.
+double read_bandwidth(const at::Tensor& buf, int64_t reps, int64_t nthreads) {
+    const uint8_t* p = buf.data_ptr<uint8_t>();
+    const int64_t n = buf.numel() / 1024 * 1024;
+    double best = 0;
+    volatile int64_t sink = 0;
+    for (int64_t rep = 0; rep < reps; rep++) {
+        const double t0 = omp_get_wtime();
+        int64_t total = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+        {
+            const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+            const int64_t per = n / nt / 1024 * 1024, a = id * per, b = id == nt - 1 ? n : a + per;
+#if LLMOS_AVX2
+            __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+            for (int64_t i = a; i < b; i += 128) {
+                _mm_prefetch((const char*)(p + i) + g_prefetch, _MM_HINT_T0);
+                _mm_prefetch((const char*)(p + i) + g_prefetch + 64, _MM_HINT_T0);
+                acc0 = _mm256_add_epi8(acc0, _mm256_load_si256((const __m256i*)(p + i)));
+                acc1 = _mm256_add_epi8(acc1, _mm256_load_si256((const __m256i*)(p + i + 32)));
+                acc2 = _mm256_add_epi8(acc2, _mm256_load_si256((const __m256i*)(p + i + 64)));
+                acc3 = _mm256_add_epi8(acc3, _mm256_load_si256((const __m256i*)(p + i + 96)));
+            }
+            const __m256i acc = _mm256_add_epi8(_mm256_add_epi8(acc0, acc1), _mm256_add_epi8(acc2, acc3));
+            total += _mm256_extract_epi64(acc, 0) + _mm256_extract_epi64(acc, 3);
+#else
+            int64_t t = 0;
+            for (int64_t i = a; i < b; i += 8) t += *(const int64_t*)(p + i);
+            total += t;
+#endif
+        }
+        sink = sink + total;
+        best = std::max(best, (double)n / (omp_get_wtime() - t0));
+    }
+    return best;
+}
+
 void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
 void set_scalar(bool on) { g_scalar = on; }
 void set_rows(int64_t r) { g_rows = r; }
 
-std::string simd() { return LLMOS_AVX2 ? "avx2" : "scalar"; }
+std::string simd() {
+#if LLMOS_AVX2 && LLMOS_VNNI  // (an undefined LLMOS_VNNI reads as 0 here)
+    return "avx2+vnni";
+#else
+    return LLMOS_AVX2 ? "avx2" : "scalar";
+#endif
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<Model>(m, "Model")
@@ -976,10 +1083,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("linear", &Model::linear, py::call_guard<py::gil_scoped_release>())
         .def("linear_many", &Model::linear_many, py::call_guard<py::gil_scoped_release>())
         .def("embed_rows", &Model::embed_rows)
+        .def("dequant_bf16", &Model::dequant_bf16, py::call_guard<py::gil_scoped_release>())
         .def("bench_gemv", &Model::bench_gemv)
         .def_readwrite("nthreads", &Model::nthreads);
     m.def("quantize_act", &quantize_act);
     m.def("simd", &simd);
+    m.def("read_bandwidth", &read_bandwidth);
     m.def("set_prefetch", &set_prefetch);
     m.def("set_scalar", &set_scalar);
     m.def("set_rows", &set_rows);
