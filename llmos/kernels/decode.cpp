@@ -362,7 +362,8 @@ inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_
 // Q4: weights are unsigned (0..15) and multiply the signed activations directly.
 inline __m256i pair_dot_q4(__m256i lo, __m256i hi, __m256i xlo, __m256i xhi) {
 #if LLMOS_VNNI
-    return dpbusd(dpbusd(_mm256_setzero_si256(), lo, xlo), hi, xhi);
+    const __m256i z = _mm256_setzero_si256();  // two independent products: no 2 x 5-cycle chain
+    return _mm256_add_epi32(dpbusd(z, lo, xlo), dpbusd(z, hi, xhi));
 #else
     const __m256i ones = _mm256_set1_epi16(1);
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)), ones);
@@ -374,7 +375,8 @@ inline __m256i pair_dot_q8(__m256i lo, __m256i hi, __m256i xlo, __m256i xhi) {
     const __m256i ulo = _mm256_sign_epi8(lo, lo), slo = _mm256_sign_epi8(xlo, lo);
     const __m256i uhi = _mm256_sign_epi8(hi, hi), shi = _mm256_sign_epi8(xhi, hi);
 #if LLMOS_VNNI
-    return dpbusd(dpbusd(_mm256_setzero_si256(), ulo, slo), uhi, shi);
+    const __m256i z = _mm256_setzero_si256();
+    return _mm256_add_epi32(dpbusd(z, ulo, slo), dpbusd(z, uhi, shi));
 #else
     const __m256i ones = _mm256_set1_epi16(1);
     return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ulo, slo), ones),
