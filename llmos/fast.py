@@ -199,11 +199,43 @@ def quantize_rows(how: str, w: torch.Tensor, rows: int = 4096) -> Weight:
                   cat([p.m for p in parts]), parts[0].koff)
 
 
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # GGUF types whose 4/8-bit codes go into the kernels as stored
+REQUANTIZED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")  # dequantized, then packed as Q8_0 blocks
+
+
+def q4_k_blocks(raw, N: int, K: int) -> Weight:
+    """GGUF Q4_K (super-blocks of 256: fp16 d and dmin, twelve bytes of 6-bit scales and mins for the eight
+    sub-blocks of 32, 128 bytes of codes) as Q4 blocks of 32: w = (d sc) q - (dmin m), so each sub-block is
+    a Q4_1 block with scale d sc and offset -dmin m. The 4-bit codes are kept as stored; the two products
+    are rounded to float16 (relative error at most 2^-11 of a scale), the only change to the weights."""
+    import numpy as np
+
+    nsb = K // 256
+    b = np.ascontiguousarray(raw).reshape(N, nsb, 144)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc_bytes, qs = b[..., 4:16].astype(np.int32), b[..., 16:]
+    # ggml's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 / 4-7; 4-7 split over bytes 8-11
+    # (low nibble scale, high nibble min) and the top two bits of bytes 0-3 / 4-7
+    lo, hi = sc_bytes[..., :4], sc_bytes[..., 4:8]
+    scale = np.concatenate([lo & 63, (sc_bytes[..., 8:] & 15) | ((lo >> 6) << 4)], -1)
+    mins = np.concatenate([hi & 63, (sc_bytes[..., 8:] >> 4) | ((hi >> 6) << 4)], -1)
+    # codes: each 32 bytes hold two sub-blocks, the first in the low nibbles, the second in the high
+    pairs = qs.reshape(N, nsb, 4, 32)
+    q = np.stack([pairs & 15, pairs >> 4], axis=3).reshape(N, nsb * 8, 32)  # [N, sub-blocks, 32]
+    packed = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8).reshape(N, K // 2)  # GGUF Q4 nibble order
+    dq = (d[..., None] * scale).astype(np.float16).reshape(N, nsb * 8)
+    mq = (-(dmin[..., None] * mins)).astype(np.float16).reshape(N, nsb * 8)
+    return Weight(Q4, torch.from_numpy(packed), N, K, d=torch.from_numpy(dq), m=torch.from_numpy(mq))
+
+
 def from_gguf_blocks(raw, qtype: str, N: int, K: int) -> Weight:
     """A GGUF tensor's raw bytes (numpy uint8, N rows of blocks) → the kernel format, no float round trip."""
     import numpy as np
 
     nb = K // 32
+    if qtype == "Q4_K":
+        return q4_k_blocks(raw, N, K)
     blocks = np.ascontiguousarray(raw).reshape(N, nb, -1)
     scales = lambda a, b: torch.from_numpy(np.ascontiguousarray(blocks[..., a:b]).view(np.float16)[..., 0])
     if qtype == "Q8_0":
@@ -353,7 +385,7 @@ def pack_gguf(path, opened=None, tokenizer: bool = True) -> tuple[Config, dict, 
         t = tensors[gname]
         qtype = t.tensor_type.name
         heads = g.qk_heads(name, cfg) if arch == "llama" else None
-        if len(shape) == 2 and qtype in ("Q8_0", "Q4_0", "Q4_1"):
+        if len(shape) == 2 and qtype in BLOCK_TYPES:
             w = from_gguf_blocks(t.data, qtype, *shape)
             if heads:  # un-permuting q/k rows of quantized blocks is exact: rows move whole
                 w = Weight(w.fmt, g.unpermute(w.w, heads).contiguous(), w.N, w.K, g.unpermute(w.d, heads).contiguous(),
@@ -362,7 +394,10 @@ def pack_gguf(path, opened=None, tokenizer: bool = True) -> tuple[Config, dict, 
             x = g.dequantize(t, path)
             if heads:
                 x = g.unpermute(x, heads)
-            w = float_weight(x) if len(shape) == 2 else x.float().contiguous()
+            if len(shape) == 2 and qtype in REQUANTIZED and shape[1] % 32 == 0:
+                w = quantize_rows("q8_0", x)  # 5-6 bit codes fit Q8_0's 8 bits; no kernel reads them as they are
+            else:
+                w = float_weight(x) if len(shape) == 2 else x.float().contiguous()
         out[name] = w
     if cfg.tie_embeddings:
         out["head.weight"] = out["embed.weight"]
@@ -545,10 +580,11 @@ class Decoder:
 
 
 def file_quant(meta: dict) -> str | None:
-    """The quant= that reproduces a GGUF file's own blocks from its dequantized weights (Checkpoint.meta's
-    tensor_types): requantizing ggml's Q8_0 / Q4_0 / Q4_1 values gives back the stored blocks bit for bit
-    (checked on the bundled SmolLM2: 211 of 211 tensors). None for float files and other types."""
-    counts = {t: n for t, n in (meta.get("tensor_types") or {}).items() if t in ("Q8_0", "Q4_0", "Q4_1")}
+    """The most common of a GGUF file's block types that the kernels take as stored (Checkpoint.meta's
+    tensor_types), lower-case: q8_0, q4_0, q4_1 or q4_k; None for float files and other types. (For the
+    first three, requantizing ggml's values gives back the stored blocks bit for bit: checked on the
+    bundled SmolLM2, 211 of 211 tensors.)"""
+    counts = {t: n for t, n in (meta.get("tensor_types") or {}).items() if t in BLOCK_TYPES}
     return max(counts, key=counts.get).lower() if counts else None
 
 

@@ -23,8 +23,8 @@ Every number is bytes counted from the config, the way llmos lays the model out 
 The fast CPU engine (--engine fast, what `llmos run` and `llmos bench` use on a CPU with a C++
 compiler; llmos/fast.py) lays memory out differently:
 
-    weights      the packed matrices: GGUF Q8_0 / Q4_0 / Q4_1 blocks of a file as stored (34, 18, 20
-                 bytes per 32 weights; other tensor types dequantized to float32), or at int8/int4 every
+    weights      the packed matrices: GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K codes of a file as stored (34, 18, 20,
+                 20 bytes per 32 weights), other k-quants and Q5 as Q8_0, float types as float32; or at int8/int4 every
                  linear layer as Q8_0 / Q4_0 blocks with a Q8_0 head and the embedding in bfloat16;
                  float precisions share the model's own tensors
     KV cache     float32 always, sized to the context
@@ -142,7 +142,9 @@ def activation_bytes(cfg: Config, tokens: int, batch: int = 1, precision: str = 
 
 # The fast CPU engine (llmos/fast.py)
 
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights, as GGUF stores them
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 20}  # bytes per 32 weights in the fast kernels
+# GGUF types the fast engine dequantizes and packs as Q8_0 (llmos.fast.REQUANTIZED)
+REQUANTIZED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
 FAST_QUANT = {"int8": "Q8_0", "int4": "Q4_0"}  # what the fast engine packs each precision into
 PREFILL_CHUNK = 512  # llmos.fast.PREFILL_CHUNK (kept here so planning does not import torch's kernels)
 
@@ -242,8 +244,13 @@ def source(name: str) -> Source:
         blocks = max(counts, key=counts.get) if counts else None  # as llmos.fast.file_quant picks
         # the fast engine's weights as stored: block types as they are, 2-D tensors of other types as float32
         # (a tied embedding serves as the head), norms float32
-        stored_fast = sum(int(t.n_bytes) if t.tensor_type.name in BLOCK_BYTES else int(t.n_elements) * 4
-                          for t in reader.tensors)
+        def fast_bytes(t) -> int:
+            kind, n = t.tensor_type.name, int(t.n_elements)
+            if kind in BLOCK_BYTES:  # Q4_K's super-blocks become blocks of 32 with float16 scale and offset
+                return n // 32 * BLOCK_BYTES[kind]
+            return n // 32 * BLOCK_BYTES["Q8_0"] if kind in REQUANTIZED and len(t.shape) == 2 else n * 4
+
+        stored_fast = sum(fast_bytes(t) for t in reader.tensors)
         return Source(path.name, cfg, "gguf", path.stat().st_size, cfg.num_params() * 4, temporary, stored,
                       blocks=blocks, stored_fast=stored_fast)
     from llmos.formats import read_checkpoint  # llama2.c: the header gives the config
@@ -308,7 +315,7 @@ def loading_bytes(src: Source, precision: str, group_size: int = 32) -> int:
 # Plans
 
 
-BLOCK_PRECISION = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
+BLOCK_PRECISION = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
 
 
 def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: int = 1, train: str = "none",

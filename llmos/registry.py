@@ -209,8 +209,8 @@ def load_fast_only(name):
     ckpt = gguf.read(path, weights=False, opened=opened)
     if not fast.file_quant(ckpt.meta) or ckpt.tokenizer is None or kernels.load() is None:
         return None
-    with torch.device("meta"):
-        model = Transformer(ckpt.config)
+    with no_init():  # built uninitialized (untouched pages, no memory), then moved to the meta device:
+        model = Transformer(ckpt.config).to("meta")  # 14 ms, where `with torch.device("meta")` takes 1 s and 76 MB
     cfg, weights, _ = fast.pack_gguf(path, opened, tokenizer=False)
     del opened
     from llmos.quant import release_memory

@@ -81,6 +81,22 @@ def test_quantizers_are_ggml_bit_exact(name, qtype, K):
     assert all(torch.equal(a, b) for a, b in [(back.w, ours.w), (back.d, ours.d)]) and back.koff == ours.koff
 
 
+def test_gguf_q4_k_goes_into_q4_blocks():
+    """Q4_K super-blocks as Q4 blocks of 32 (scale d*sc, offset -dmin*m): the same weights as gguf's own
+    dequantizer, up to the float16 rounding of those two products."""
+    rng = np.random.default_rng(0)
+    N, K = 6, 512
+    raw = rng.integers(0, 256, size=(N, K // 256 * 144), dtype=np.uint8)
+    halves = raw.reshape(N, K // 256, 144)[..., :4].view(np.float16)  # d and dmin: sane positive values
+    halves[:] = rng.uniform(1e-3, 2e-2, size=halves.shape).astype(np.float16)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(N, K).copy())
+    w = fast.from_gguf_blocks(raw, "Q4_K", N, K)
+    assert w.fmt == fast.Q4 and w.m is not None and w.nbytes() == N * K // 32 * 20
+    scale = w.d.float().abs().repeat_interleave(32, 1) * 15 + w.m.float().abs().repeat_interleave(32, 1)
+    err = (w.dequantize() - ref).abs()
+    assert (err <= scale * 2**-10).all() and err.max() > 0  # rounded, not exact, and by no more than that
+
+
 @pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1"])
 def test_quantizing_a_slice_of_rows_at_a_time_gives_the_same_bytes(name):
     w = torch.randn(10, 96)
