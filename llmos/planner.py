@@ -203,6 +203,7 @@ class Source:
     group_size: int | None = None  # of an int4 file
     blocks: str | None = None  # a GGUF file's quantized block type that the fast engine takes as stored
     stored_fast: int = 0  # bytes of the fast engine's weights taken from that file as stored
+    stored_temporary: int = 0  # the largest float32 tensor (and its dequantizer's temporaries) while packing
 
 
 def source(name: str) -> Source:
@@ -251,8 +252,12 @@ def source(name: str) -> Source:
             return n // 32 * BLOCK_BYTES["Q8_0"] if kind in REQUANTIZED and len(t.shape) == 2 else n * 4
 
         stored_fast = sum(fast_bytes(t) for t in reader.tensors)
+        # tensors not taken as stored are dequantized to float32 one at a time (with the dequantizer's
+        # temporaries) and packed from there: the largest such tensor adds to the loading peak
+        converted = max((int(t.n_elements) * 4 + gguf_temporary(t) for t in reader.tensors
+                         if t.tensor_type.name not in BLOCK_BYTES and len(t.shape) == 2), default=0)
         return Source(path.name, cfg, "gguf", path.stat().st_size, cfg.num_params() * 4, temporary, stored,
-                      blocks=blocks, stored_fast=stored_fast)
+                      blocks=blocks, stored_fast=stored_fast, stored_temporary=converted)
     from llmos.formats import read_checkpoint  # llama2.c: the header gives the config
 
     ckpt = read_checkpoint(path, weights=False)
@@ -362,7 +367,8 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
         raise LlmosError(f"unknown engine {engine!r}; use fast or torch")
     running = sum(parts.values())
     if stored:  # the mapped file, its parsed metadata and the packed copy at once
-        loading = parts["runtime"] + src.file_bytes + cfg.vocab_size * GGUF_FIELDS_BYTES_PER_ENTRY + parts["weights"]
+        loading = (parts["runtime"] + src.file_bytes + cfg.vocab_size * GGUF_FIELDS_BYTES_PER_ENTRY + parts["weights"]
+                   + src.stored_temporary)
     elif engine == "fast" and precision in FAST_QUANT:  # read in bfloat16, then packed matrix by matrix
         biggest = max(o * i for o, i, _ in linear_shapes(cfg)) * 4 * 3
         loading = parts["runtime"] + max(loading_bytes(src, "bf16"), weight_bytes(cfg, "bf16") + parts["weights"] + biggest)
@@ -508,7 +514,7 @@ def describe(p: dict, cfg: Config) -> list[str]:
 
 def describe_fast(p: dict, cfg: Config) -> list[str]:
     if p["stored_blocks"]:
-        weights = f"the file's {p['stored_blocks']} blocks as stored, other tensors float32"
+        weights = f"the file's {p['stored_blocks']} codes as stored; Q5, Q6 and other k-quants as Q8_0; norms float32"
     elif p["precision"] in FAST_QUANT:
         weights = f"{FAST_QUANT[p['precision']]} layers, Q8_0 head, bf16 embedding"
     else:
