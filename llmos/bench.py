@@ -260,7 +260,10 @@ def run_fast(spec: dict) -> dict:
     # What one decode step reads: every matrix as packed, the head (a tied one too) whole, one row of the embedding.
     per_token = sum(w.nbytes() for n, w in dec.weights.items() if n != "embed.weight" and isinstance(w, fast.Weight))
     group = 32 if precision in quant.SCHEMES else None
-    return record(spec, "fast", name, dec.cfg, src, group, per_token, load_s, timings, backend=dec.backend)
+    simd = dec.ext.simd() if dec.ext is not None else "none"
+    prefill = "bf16" if dec.ext is not None and dec.bf16_prefill else "int8"
+    return record(spec, "fast", name, dec.cfg, src, group, per_token, load_s, timings, backend=dec.backend,
+                  simd=simd, prefill_path=prefill if precision in quant.SCHEMES else "float")
 
 
 def measure(spec: dict, name: str, cfg, prefill_s, decode_s, first_s):
