@@ -369,7 +369,7 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
     if stored:  # the mapped file, its parsed metadata and the packed copy at once
         loading = (parts["runtime"] + src.file_bytes + cfg.vocab_size * GGUF_FIELDS_BYTES_PER_ENTRY + parts["weights"]
                    + src.stored_temporary)
-    elif engine == "fast" and precision in FAST_QUANT:  # read in bfloat16, then packed matrix by matrix
+    elif engine == "fast" and precision in FAST_QUANT and src.format != "size":  # read in bf16, then packed
         biggest = max(o * i for o, i, _ in linear_shapes(cfg)) * 4 * 3
         loading = parts["runtime"] + max(loading_bytes(src, "bf16"), weight_bytes(cfg, "bf16") + parts["weights"] + biggest)
     else:

@@ -120,6 +120,9 @@ def test_fast_plan_of_a_gguf_as_stored(tmp_path):
     assert p["loading"] == p["runtime"] + src.file_bytes + 100 * planner.GGUF_FIELDS_BYTES_PER_ENTRY + p["weights"]
     converted = planner.plan(src, "int4", ctx=32, engine="fast")  # another precision: read, then packed
     assert converted["stored_blocks"] is None and converted["weights"] == planner.fast_weight_bytes(CFG, "int4")
+    # a size has no file to read or convert: the plan is what runs (a 70B at int4 fits in about 40 GB)
+    seventy = planner.plan(planner.source("70b"), "int4", ctx=4096, engine="fast")
+    assert seventy["peak"] == seventy["running"] < 45e9
     with pytest.raises(LlmosError, match="one sequence"):
         planner.plan(src, "int8", batch=2, engine="fast")
 
