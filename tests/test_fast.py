@@ -136,7 +136,7 @@ def test_activation_quantizer(ext):
 
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "q8_0", "q4_0", "q4_1", "int8", "int4"])
-@pytest.mark.parametrize("K", [256, 96])
+@pytest.mark.parametrize("K", [256, 96, 224, 576])  # 224: quad + pair + odd block; 576: 18 blocks
 @pytest.mark.parametrize("scalar", [False, True])
 def test_kernels_match_float64(ext, fmt, K, scalar):
     torch.manual_seed(3)
