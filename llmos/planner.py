@@ -488,49 +488,41 @@ def table(ctx: int = 4096) -> list[dict]:
 
 
 def describe(p: dict, cfg: Config) -> list[str]:
-    f = FLOAT_BYTES[p["precision"]]
-    if p["engine"] == "fast":
-        return describe_fast(p, cfg)
+    """One line per part of the plan: bytes and what they are."""
+    fast = p["engine"] == "fast"
+    f = 4 if fast else FLOAT_BYTES[p["precision"]]
     what = {
-        "weights": f"{p['precision']}" + (" layers" if p["precision"].startswith("int") else "")
-        + (f" (groups of {p['group_size']})" if p["group_size"] else "")
-        + (", bf16 embedding, norms and head" if p["precision"].startswith("int") else "")
-        + (f" + rank-{LORA_RANK} LoRA adapters" if p["train"] == "lora" else ""),
+        "weights": describe_weights(p),
         "kv_cache": f"{cfg.n_layers} layers x 2 x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x {p['ctx']} tokens"
                     f" x {p['batch']} x {f} B",
-        "activations": (f"prefill of {p['prompt']} tokens: logits {p['prompt']} x {cfg.vocab_size} x {f} B and the residual stream"
+        "activations": (f"prefill in chunks of {min(p['prompt'], PREFILL_CHUNK)} tokens, float32" if fast
+                        else f"prefill of {p['prompt']} tokens: the residual stream, MLP or attention, the last logits"
                         if p["train"] == "none" else f"kept for the backward pass, {p['ctx']} tokens x {p['batch']}"),
         "gradients": "one per trained parameter",
         "optimizer": "AdamW: two float32 states per trained parameter",
         "runtime": f"python + torch + llmos {gb(RUNTIME_BYTES)} (measured) and the tokenizer",
     }
     lines = [f"{k:<13} {gb(p[k]):>10}   {what[k]}" for k in what if p[k]]
-    lines.append(f"{'running':<13} {gb(p['running']):>10}")
+    lines.append(f"{'running':<13} {gb(p['running']):>10}"
+                 + ("   fast engine (one sequence; --engine torch plans the model path)" if fast else ""))
     if p["source"] != "size":
-        lines.append(f"{'loading':<13} {gb(p['loading']):>10}   reading the {p['source']} file (freed before running)")
+        lines.append(f"{'loading':<13} {gb(p['loading']):>10}   reading the {p['source']} file"
+                     + (" and packing it" if fast else "") + " (freed before running)")
     lines.append(f"{'peak':<13} {gb(p['peak']):>10}")
     return lines
 
 
-def describe_fast(p: dict, cfg: Config) -> list[str]:
-    if p["stored_blocks"]:
-        weights = f"the file's {p['stored_blocks']} codes as stored; Q5, Q6 and other k-quants as Q8_0; norms float32"
-    elif p["precision"] in FAST_QUANT:
-        weights = f"{FAST_QUANT[p['precision']]} layers, Q8_0 head, bf16 embedding"
-    else:
-        weights = p["precision"] + (" model + a float32 copy for the kernels" if p["precision"] == "f16" else ", shared with the model")
-    what = {
-        "weights": weights,
-        "kv_cache": f"{cfg.n_layers} layers x 2 x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x {p['ctx']} tokens x 4 B",
-        "activations": f"prefill in chunks of {min(p['prompt'], PREFILL_CHUNK)} tokens, float32",
-        "runtime": f"python + torch + llmos {gb(RUNTIME_BYTES)} (measured) and the tokenizer",
-    }
-    lines = [f"{k:<13} {gb(p[k]):>10}   {what[k]}" for k in what if p[k]]
-    lines.append(f"{'running':<13} {gb(p['running']):>10}   fast engine (one sequence; --engine torch plans the model path)")
-    if p["source"] != "size":
-        lines.append(f"{'loading':<13} {gb(p['loading']):>10}   reading the {p['source']} file and packing it (freed before running)")
-    lines.append(f"{'peak':<13} {gb(p['peak']):>10}")
-    return lines
+def describe_weights(p: dict) -> str:
+    quantized = p["precision"].startswith("int")
+    if p["engine"] == "fast":
+        if p["stored_blocks"]:
+            return f"the file's {p['stored_blocks']} codes as stored; Q5, Q6 and other k-quants as Q8_0; norms float32"
+        if quantized:
+            return f"{FAST_QUANT[p['precision']]} layers, Q8_0 head, bf16 embedding"
+        return p["precision"] + (" model + a float32 copy for the kernels" if p["precision"] == "f16" else ", shared with the model")
+    return (p["precision"] + (" layers" if quantized else "") + (f" (groups of {p['group_size']})" if p["group_size"] else "")
+            + (", bf16 embedding, norms and head" if quantized else "")
+            + (f" + rank-{LORA_RANK} LoRA adapters" if p["train"] == "lora" else ""))
 
 
 def pick_engine(engine: str | None, train: str = "none", batch: int = 1) -> str:
