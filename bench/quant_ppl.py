@@ -8,6 +8,12 @@ Each precision is loaded with `llmos.quant.load_precision` (int8: per output cha
 increase is relative to bf16. Note: the bundled SmolLM2 is itself a Q4_1 file, so its "bf16" is the
 dequantized Q4_1 weights; requantizing those measures rounding on top of rounding. A model trained
 here in float (e.g. the end-to-end recipe's base model) has no such history.
+With --engine fast the int8/int4 models are the fast CPU decoder's (llmos/fast.py: Q8_0 / Q4_0 blocks with a
+Q8_0 head, int8 activations where they meet quantized weights, as `llmos run` computes), each window decoded
+one token at a time through the decode kernel; "stored" is the GGUF file's own blocks, as `llmos run` loads it.
+
+    python bench/quant_ppl.py --engine fast --precisions bf16,stored,int8,int4 --kb 50 --tag fast
+
 Results: bench/results/quant_ppl[_TAG].json
 """
 
@@ -34,6 +40,8 @@ def main() -> int:
     p.add_argument("--kb", type=int, default=200, help="kilobytes of the text to score (0 = all)")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--tag", default="")
+    p.add_argument("--engine", choices=["torch", "fast"], default="torch",
+                   help="fast: int8/int4/stored through the fast decoder's kernels (bf16 stays the torch reference)")
     args = p.parse_args()
     if not TEXT.is_file():
         print(f"error: {TEXT} not found; this benchmark needs ../shared/data beside the repository", file=sys.stderr)
@@ -46,7 +54,10 @@ def main() -> int:
         path = Path(tmp) / "text.txt"
         path.write_text(text, encoding="utf-8")
         for precision in args.precisions.split(","):
-            model, tok, _ = load_precision(args.model, precision)
+            if args.engine == "fast" and precision != "bf16":
+                model, tok = fast_scorer(args.model, precision)
+            else:
+                model, tok, _ = load_precision(args.model, precision)
             r = evaluate(Perplexity(path), model, tok, context=args.context, stride=args.context // 2)
             records.append({"precision": precision, "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
                             "tokens": r["tokens"]})
@@ -57,10 +68,43 @@ def main() -> int:
     for r in records:
         r["increase_pct"] = 100 * (r["perplexity"] / records[0]["perplexity"] - 1)
     out = ROOT / "bench" / "results" / f"quant_ppl{'_' + args.tag if args.tag else ''}.json"
-    out.write_text(json.dumps({"model": args.model, "text": TEXT.name, "kb": args.kb, "context": args.context,
+    out.write_text(json.dumps({"model": args.model, "engine": args.engine, "text": TEXT.name, "kb": args.kb, "context": args.context,
                                "records": records}, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
+
+
+def fast_scorer(name: str, precision: str):
+    """(model-like scorer, tokenizer): forward(tokens [1, T]) → logits [1, T, V], every position through the
+    fast decoder's decode kernel, so the scores carry its int8 activation rounding."""
+    import torch
+
+    from llmos import fast, registry
+    from llmos.quant import load_precision, release_memory
+
+    if precision == "stored":
+        _, tok, _, dec = registry.load_fast_only(name)
+    else:
+        model, tok, _ = load_precision(name, "bf16")
+        dec = fast.decoder(model, quant=precision)
+        del model
+        release_memory()
+
+    class Scorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("where", torch.zeros(1))  # evaluate() asks the parameters' device
+            self.cfg = dec.cfg
+
+        def parameters(self, recurse: bool = True):
+            return iter([self.where])
+
+        def forward(self, tokens):
+            dec.reset()
+            dec.reserve(tokens.shape[1])
+            return torch.stack([dec.decode(int(t)) for t in tokens[0]])[None]
+
+    return Scorer(), tok
 
 
 if __name__ == "__main__":

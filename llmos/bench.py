@@ -13,7 +13,7 @@ For each precision, in a fresh process (so its peak resident memory is its own):
     ceiling_tok_s   the machine's read bandwidth / the weight bytes a decode step reads
 
 engine: "fast" times the decoder that `llmos run` uses on the CPU (llmos/fast.py: C++ kernels, one call
-per token; int8 and int4 there are GGUF Q8_0 and Q4_0 blocks with a Q8_0 output head, so --group-size
+per token; int8 and int4 there are GGUF Q8_0 and Q4_1 blocks with a Q8_0 output head, so --group-size
 does not apply), "torch" the PyTorch model loop (llmos.quant's int8/int4 modules); "auto" is fast
 when the kernels build. Each record says which ran in `engine`.
 
@@ -186,7 +186,7 @@ def time_fast_first_token(dec, prompt: int) -> float:
 
 def fast_decoder(spec: dict, precision: str):
     """The fast decoder at `precision`, built as `llmos run` builds it: float weights as they are,
-    int8/int4 as Q8_0/Q4_0 blocks quantized from the float model, which is then dropped."""
+    int8/int4 as Q8_0/Q4_1 blocks quantized from the float model, which is then dropped."""
     from llmos import fast
 
     build = "bf16" if precision in quant.SCHEMES else precision

@@ -25,9 +25,10 @@ Weight formats (Weight.fmt), the blocks of 32 inputs as llama.cpp defines them:
     q4          4-bit and a scale (+ offset) per block:         w = d * (q + koff) + m
                   GGUF Q4_0: koff -8, no m;  GGUF Q4_1: koff 0, m;  llmos int4 (quant.py): koff -8, m = zero
 
-`quant="int8"` makes Q8_0 blocks and `"int4"` Q4_0 blocks, bit-identical to llama.cpp's quantizers;
-`"q4_1"` the asymmetric blocks (more accurate, 11% more bytes). The output head of a quantized model
-is Q8_0 (like llama.cpp keeps the output at higher precision), the embedding table stays as loaded.
+`quant="int8"` makes Q8_0 blocks and `"int4"` Q4_1 blocks (asymmetric, like llmos.quant's int4), bit-identical
+to llama.cpp's quantizers; `"q4_0"` the symmetric blocks (11% fewer bytes, and much less accurate: on the
+bundled SmolLM2 perplexity rose 23% with Q4_0 and 0.2% with Q4_1, bench/results/quant_ppl_fast.json).
+The output head of a quantized model is Q8_0 (like llama.cpp keeps the output at higher precision), the embedding table stays as loaded.
 A model already swapped by llmos.quant (Int8Linear / Int4Linear) is packed from its stored integers,
 with its bfloat16 scales kept as they are. Activations meeting a quantized weight are quantized to int8
 per block of 32 (llama.cpp's Q8 activations): against the reference model with the same (dequantized)
@@ -183,7 +184,7 @@ def quantize_q4_1(w: torch.Tensor) -> Weight:
     return Weight(Q4, pack_q4(q), *w.shape, d=d[..., 0].half().contiguous(), m=lo[..., 0].half().contiguous())
 
 
-QUANTIZERS = {"int8": quantize_q8_0, "q8_0": quantize_q8_0, "int4": quantize_q4_0, "q4_0": quantize_q4_0,
+QUANTIZERS = {"int8": quantize_q8_0, "q8_0": quantize_q8_0, "int4": quantize_q4_1, "q4_0": quantize_q4_0,
               "q4_1": quantize_q4_1}
 
 
@@ -317,7 +318,7 @@ def pack_model(model: Transformer, quant: str | None = None, head: str | None = 
     """{llmos name: Weight (matrices) or float32 tensor (norms, biases)} for Decoder.
 
     quant: None keeps each float weight's dtype (bf16 stays bf16, f16/f32 run as f32); "f32"/"bf16"
-    cast; "int8"/"q8_0", "int4"/"q4_0", "q4_1" quantize every linear layer. head: the output head's
+    cast; "int8"/"q8_0", "int4"/"q4_1", "q4_0" quantize every linear layer. head: the output head's
     format, by default q8_0 when the layers are quantized, else as the layers."""
     from llmos import quant as quant_mod
 

@@ -25,7 +25,7 @@ compiler; llmos/fast.py) lays memory out differently:
 
     weights      the packed matrices: GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K codes of a file as stored (34, 18, 20,
                  20 bytes per 32 weights), other k-quants and Q5 as Q8_0, float types as float32; or at int8/int4 every
-                 linear layer as Q8_0 / Q4_0 blocks with a Q8_0 head and the embedding in bfloat16;
+                 linear layer as Q8_0 / Q4_1 blocks with a Q8_0 head and the embedding in bfloat16;
                  float precisions share the model's own tensors
     KV cache     float32 always, sized to the context
     activations  prefill runs in chunks of 512 tokens (PREFILL_CHUNK), so they stop growing there
@@ -145,13 +145,13 @@ def activation_bytes(cfg: Config, tokens: int, batch: int = 1, precision: str = 
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 20}  # bytes per 32 weights in the fast kernels
 # GGUF types the fast engine dequantizes and packs as Q8_0 (llmos.fast.REQUANTIZED)
 REQUANTIZED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
-FAST_QUANT = {"int8": "Q8_0", "int4": "Q4_0"}  # what the fast engine packs each precision into
+FAST_QUANT = {"int8": "Q8_0", "int4": "Q4_1"}  # what the fast engine packs each precision into
 PREFILL_CHUNK = 512  # llmos.fast.PREFILL_CHUNK (kept here so planning does not import torch's kernels)
 
 
 def fast_weight_bytes(cfg: Config, precision: str) -> int:
     """Bytes of the fast decoder's weights built from a model at `precision`: float precisions share the
-    model's tensors (f16 adds a float32 copy); int8/int4 pack every linear layer into Q8_0/Q4_0 blocks,
+    model's tensors (f16 adds a float32 copy); int8/int4 pack every linear layer into Q8_0/Q4_1 blocks,
     add a Q8_0 head (a tied embedding too) and keep the embedding in bfloat16. Norms and biases float32."""
     check_precision(precision)
     params = cfg.num_params()

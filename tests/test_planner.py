@@ -93,8 +93,8 @@ def test_fast_weights_by_hand_and_as_packed(precision):
     from llmos import fast
 
     # int8: Q8_0 blocks (34 B per 32) of the 73,728 layer weights; the head as Q8_0 (6,400 / 32 x 34);
-    # the embedding in bf16; 5 norms of 64 in float32. int4: Q4_0 blocks (18 B per 32).
-    per_block = {"int8": 34, "int4": 18}.get(precision)
+    # the embedding in bf16; 5 norms of 64 in float32. int4: Q4_1 blocks (20 B per 32).
+    per_block = {"int8": 34, "int4": 20}.get(precision)
     expected = {"f32": PARAMS * 4, "bf16": PARAMS * 2 + 5 * 64 * 4}.get(precision) or (
         LINEAR // 32 * per_block + 6400 // 32 * 34 + 6400 * 2 + 5 * 64 * 4)
     assert planner.fast_weight_bytes(CFG, precision) == expected
@@ -120,9 +120,9 @@ def test_fast_plan_of_a_gguf_as_stored(tmp_path):
     assert p["loading"] == p["runtime"] + src.file_bytes + 100 * planner.GGUF_FIELDS_BYTES_PER_ENTRY + p["weights"]
     converted = planner.plan(src, "int4", ctx=32, engine="fast")  # another precision: read, then packed
     assert converted["stored_blocks"] is None and converted["weights"] == planner.fast_weight_bytes(CFG, "int4")
-    # a size has no file to read or convert: the plan is what runs (a 70B at int4 fits in about 40 GB)
+    # a size has no file to read or convert: the plan is what runs (a 70B at int4, Q4_1 blocks: about 47 GB)
     seventy = planner.plan(planner.source("70b"), "int4", ctx=4096, engine="fast")
-    assert seventy["peak"] == seventy["running"] < 45e9
+    assert seventy["peak"] == seventy["running"] < 50e9
     with pytest.raises(LlmosError, match="one sequence"):
         planner.plan(src, "int8", batch=2, engine="fast")
 
