@@ -93,11 +93,8 @@ def fast_scorer(name: str, precision: str):
     class Scorer(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.register_buffer("where", torch.zeros(1))  # evaluate() asks the parameters' device
+            self.where = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # evaluate() asks its device
             self.cfg = dec.cfg
-
-        def parameters(self, recurse: bool = True):
-            return iter([self.where])
 
         def forward(self, tokens):
             dec.reset()

@@ -190,19 +190,17 @@ def fast_decoder(spec: dict, precision: str):
     from llmos import fast
 
     build = "bf16" if precision in quant.SCHEMES else precision
-    if not spec.get("shape"):  # a GGUF file whose blocks are this precision: as `llmos run` loads it
-        src = planner.source(spec["model"])
-        if src.blocks and planner.BLOCK_PRECISION[src.blocks] == precision:
-            from llmos import registry
-
-            _, _, ckpt, dec = registry.load_fast_only(spec["model"])
-            return dec, src, ckpt.meta.get("name") or spec["model"]
     if spec.get("shape"):
         src = planner.Source(spec["shape"], planner.SIZES[SHAPES[spec["shape"]]], "random", tokenizer=False)
         src.read_bytes = src.config.num_params() * (4 if build == "f32" else 2)
         model, name = random_model(src.config, build), spec["shape"]
     else:
         src = planner.source(spec["model"])
+        if src.blocks and planner.BLOCK_PRECISION[src.blocks] == precision:  # a GGUF of these blocks: as `llmos run` loads it
+            from llmos import registry
+
+            _, _, ckpt, dec = registry.load_fast_only(spec["model"])
+            return dec, src, ckpt.meta.get("name") or spec["model"]
         model, _, ckpt = quant.load_precision(spec["model"], build)
         name = ckpt.meta.get("name") or spec["model"]
     dec = fast.decoder(model, quant=precision if precision in quant.SCHEMES else None,

@@ -363,9 +363,10 @@ def pack_model(model: Transformer, quant: str | None = None, head: str | None = 
 
 
 def pack_gguf(path, opened=None, tokenizer: bool = True) -> tuple[Config, dict, object]:
-    """(config, weights, Tokenizer or None) of a GGUF file: Q8_0/Q4_0/Q4_1 tensors go straight into
-    the kernel formats; every other type is dequantized by llmos.formats.gguf. opened: open_gguf's
-    result when the caller has parsed the file already (its fields cost ~1.3 KB a vocabulary entry)."""
+    """(config, weights, Tokenizer or None) of a GGUF file: BLOCK_TYPES (Q8_0/Q4_0/Q4_1/Q4_K) go into the
+    kernel formats from their stored codes; REQUANTIZED types are dequantized by llmos.formats.gguf and
+    packed as Q8_0; float types stay float. opened: open_gguf's result when the caller has parsed the
+    file already (its fields cost ~1.3 KB a vocabulary entry)."""
     from pathlib import Path
 
     from llmos.formats import gguf as g

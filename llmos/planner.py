@@ -28,7 +28,7 @@ compiler; llmos/fast.py) lays memory out differently:
                  linear layer as Q8_0 / Q4_1 blocks with a Q8_0 head and the embedding in bfloat16;
                  float precisions share the model's own tensors
     KV cache     float32 always, sized to the context
-    activations  prefill runs in chunks of 512 tokens (PREFILL_CHUNK), so they stop growing there
+    activations  prefill runs in chunks of 512 tokens (llmos.fast.PREFILL_CHUNK), so they stop growing there
     loading      a GGUF file read as stored: the mapped file, its parsed metadata and the packed copy;
                  converted to int8/int4: the model read in bfloat16, then packed one matrix at a time
 
@@ -50,6 +50,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmos import fast
 from llmos.errors import LlmosError
 from llmos.model import Config
 
@@ -142,11 +143,9 @@ def activation_bytes(cfg: Config, tokens: int, batch: int = 1, precision: str = 
 
 # The fast CPU engine (llmos/fast.py)
 
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 20}  # bytes per 32 weights in the fast kernels
-# GGUF types the fast engine dequantizes and packs as Q8_0 (llmos.fast.REQUANTIZED)
-REQUANTIZED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
+# bytes per 32 weights in the fast kernels, for each GGUF type they take as stored (llmos.fast.BLOCK_TYPES)
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 20}
 FAST_QUANT = {"int8": "Q8_0", "int4": "Q4_1"}  # what the fast engine packs each precision into
-PREFILL_CHUNK = 512  # llmos.fast.PREFILL_CHUNK (kept here so planning does not import torch's kernels)
 
 
 def fast_weight_bytes(cfg: Config, precision: str) -> int:
@@ -178,7 +177,7 @@ def fast_activation_bytes(cfg: Config, tokens: int) -> int:
     """Prefill activations of the fast engine, float32, one chunk of at most PREFILL_CHUNK tokens: the
     residual stream and its normed copy, q/k/v and their rotated copies, the MLP's gate, up, their
     product and its int8 form, and the last logits."""
-    n, q, kv = min(tokens, PREFILL_CHUNK), cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    n, q, kv = min(tokens, fast.PREFILL_CHUNK), cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return n * 4 * (2 * cfg.dim + 2 * (q + 2 * kv) + 4 * cfg.hidden_dim) + cfg.vocab_size * 4
 
 
@@ -249,7 +248,7 @@ def source(name: str) -> Source:
             kind, n = t.tensor_type.name, int(t.n_elements)
             if kind in BLOCK_BYTES:  # Q4_K's super-blocks become blocks of 32 with float16 scale and offset
                 return n // 32 * BLOCK_BYTES[kind]
-            return n // 32 * BLOCK_BYTES["Q8_0"] if kind in REQUANTIZED and len(t.shape) == 2 else n * 4
+            return n // 32 * BLOCK_BYTES["Q8_0"] if kind in fast.REQUANTIZED and len(t.shape) == 2 else n * 4
 
         stored_fast = sum(fast_bytes(t) for t in reader.tensors)
         # tensors not taken as stored are dequantized to float32 one at a time (with the dequantizer's
@@ -489,13 +488,13 @@ def table(ctx: int = 4096) -> list[dict]:
 
 def describe(p: dict, cfg: Config) -> list[str]:
     """One line per part of the plan: bytes and what they are."""
-    fast = p["engine"] == "fast"
-    f = 4 if fast else FLOAT_BYTES[p["precision"]]
+    is_fast = p["engine"] == "fast"
+    f = 4 if is_fast else FLOAT_BYTES[p["precision"]]
     what = {
         "weights": describe_weights(p),
         "kv_cache": f"{cfg.n_layers} layers x 2 x {cfg.n_kv_heads} kv heads x {cfg.head_dim} x {p['ctx']} tokens"
                     f" x {p['batch']} x {f} B",
-        "activations": (f"prefill in chunks of {min(p['prompt'], PREFILL_CHUNK)} tokens, float32" if fast
+        "activations": (f"prefill in chunks of {min(p['prompt'], fast.PREFILL_CHUNK)} tokens, float32" if is_fast
                         else f"prefill of {p['prompt']} tokens: the residual stream, MLP or attention, the last logits"
                         if p["train"] == "none" else f"kept for the backward pass, {p['ctx']} tokens x {p['batch']}"),
         "gradients": "one per trained parameter",
@@ -504,10 +503,10 @@ def describe(p: dict, cfg: Config) -> list[str]:
     }
     lines = [f"{k:<13} {gb(p[k]):>10}   {what[k]}" for k in what if p[k]]
     lines.append(f"{'running':<13} {gb(p['running']):>10}"
-                 + ("   fast engine (one sequence; --engine torch plans the model path)" if fast else ""))
+                 + ("   fast engine (one sequence; --engine torch plans the model path)" if is_fast else ""))
     if p["source"] != "size":
         lines.append(f"{'loading':<13} {gb(p['loading']):>10}   reading the {p['source']} file"
-                     + (" and packing it" if fast else "") + " (freed before running)")
+                     + (" and packing it" if is_fast else "") + " (freed before running)")
     lines.append(f"{'peak':<13} {gb(p['peak']):>10}")
     return lines
 

@@ -195,7 +195,7 @@ ENGINES = ("auto", "fast", "torch")
 
 
 def load_fast_only(name):
-    """(model, tokenizer, checkpoint, decoder) for a GGUF file of Q8_0/Q4_0/Q4_1 blocks, run by the fast
+    """(model, tokenizer, checkpoint, decoder) for a GGUF file of Q8_0/Q4_0/Q4_1/Q4_K blocks, run by the fast
     CPU decoder alone: the blocks go into the kernels and no float copy of the weights is made (the
     model is built on the meta device, for its config). None when that does not apply or the kernels
     cannot be built; the caller then loads the model as usual. For one prompt at a time (`llmos run`)."""

@@ -108,6 +108,8 @@ def test_fast_plan_of_a_gguf_as_stored(tmp_path):
     from llmos import fast
     from llmos.formats import Checkpoint, gguf
 
+    assert set(planner.BLOCK_BYTES) == set(fast.BLOCK_TYPES)  # every type the kernels take as stored is counted
+
     gguf.write(Checkpoint(CFG, Transformer(CFG).state_dict(), None, {}), tmp_path / "m.gguf", "q8_0")
     src = planner.source(str(tmp_path / "m.gguf"))
     assert src.blocks == "Q8_0"
