@@ -18,7 +18,7 @@ does not apply), "torch" the PyTorch model loop (llmos.quant's int8/int4 modules
 when the kernels build. Each record says which ran in `engine`.
 
 Means of --reps runs after one short warm-up (standard deviations beside them, as llama-bench
-prints). The model is MODEL (loaded as llmos.quant.load_precision does), or with --shape a model
+prints). The model is MODEL (loaded by llmos.loader.load at the precision), or with --shape a model
 of that shape with random weights (normal, std 0.02), so the numbers compare with llama.cpp's on
 the same shapes. Each record also carries what llmos.planner predicted for the same run.
 """
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from llmos import planner, quant
+from llmos import fast, kernels, loader, planner, quant
+from llmos.model import Transformer
 from llmos.errors import LlmosError
 
 SHAPES = {"smollm2-135m": "135m", "tinyllama-1.1b": "1.1b"}
@@ -54,8 +55,6 @@ def bandwidth(nbytes: int = 1 << 30, reps: int = 5, probe: str = "auto") -> floa
     the fast engine can reach), "torch" times torch's sum over float32 (about 10% lower on the machines
     measured); "auto" is kernels when they are built."""
     if probe in ("auto", "kernels"):
-        from llmos import kernels
-
         ext = kernels.load()
         if ext is not None:
             buf = torch.ones(nbytes, dtype=torch.uint8)  # touched: every page resident before timing
@@ -100,12 +99,9 @@ def current_rss() -> int:
 def random_model(cfg, precision: str, group_size: int | None = None, seed: int = 0):
     """A Transformer of `cfg` with random weights at `precision` (built in bfloat16 and then quantized
     for int8/int4, so the float copy never exists in float32)."""
-    from llmos.model import Transformer
-    from llmos.registry import no_init
-
     build = {"f32": torch.float32, "f16": torch.float16}.get(precision, torch.bfloat16)
     torch.manual_seed(seed)
-    with no_init():
+    with loader.no_init():
         model = Transformer(cfg).to(build)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
@@ -187,8 +183,6 @@ def time_fast_first_token(dec, prompt: int) -> float:
 def fast_decoder(spec: dict, precision: str):
     """The fast decoder at `precision`, built as `llmos run` builds it: float weights as they are,
     int8/int4 as Q8_0/Q4_1 blocks quantized from the float model, which is then dropped."""
-    from llmos import fast
-
     build = "bf16" if precision in quant.SCHEMES else precision
     if spec.get("shape"):
         src = planner.Source(spec["shape"], planner.SIZES[SHAPES[spec["shape"]]], "random", tokenizer=False)
@@ -197,12 +191,11 @@ def fast_decoder(spec: dict, precision: str):
     else:
         src = planner.source(spec["model"])
         if src.blocks and planner.BLOCK_PRECISION[src.blocks] == precision:  # a GGUF of these blocks: as `llmos run` loads it
-            from llmos import registry
-
-            _, _, ckpt, dec = registry.load_fast_only(spec["model"])
-            return dec, src, ckpt.meta.get("name") or spec["model"]
-        model, _, ckpt = quant.load_precision(spec["model"], build)
-        name = ckpt.meta.get("name") or spec["model"]
+            runner = loader.load(spec["model"], "fast", tokenizer=False)
+            return runner.decoder, src, runner.meta.get("name") or spec["model"]
+        runner = loader.load(spec["model"], "torch", precision=build, tokenizer=False)
+        model, name = runner.model, runner.meta.get("name") or spec["model"]
+        del runner
     dec = fast.decoder(model, quant=precision if precision in quant.SCHEMES else None,
                        max_len=spec["prefill"] + spec["decode"] + TTFT_PROMPT)
     if precision in quant.SCHEMES:
@@ -236,8 +229,9 @@ def run_one(spec: dict) -> dict:
         name = spec["shape"]
     else:
         src = planner.source(spec["model"])
-        model, _, ckpt = quant.load_precision(spec["model"], precision, group_size=group)
-        name = ckpt.meta.get("name") or spec["model"]
+        runner = loader.load(spec["model"], "torch", precision=precision, group_size=group, tokenizer=False)
+        model, name = runner.model, runner.meta.get("name") or spec["model"]
+        del runner
     load_s = time.perf_counter() - t
     timings = measure(spec, name, model.cfg, lambda n: time_prefill(model, n), lambda n: time_decode(model, n),
                       lambda n: time_first_token(model, n, spec["decode"]))
@@ -247,8 +241,6 @@ def run_one(spec: dict) -> dict:
 
 def run_fast(spec: dict) -> dict:
     """run_one on the fast decoder: the same tests and record keys."""
-    from llmos import fast
-
     precision = spec["precision"]
     t = time.perf_counter()
     dec, src, name = fast_decoder(spec, precision)
@@ -304,22 +296,6 @@ def record(spec, engine, name, cfg, src, group, per_token, load_s, timings, **ex
 # Every precision, each in a fresh process
 
 
-def pick_engine(engine: str) -> str:
-    """auto → fast when the C++ kernels build here (else torch, with kernels.load()'s one-line note)."""
-    from llmos import kernels
-
-    if engine not in ("auto", "fast", "torch"):
-        raise LlmosError(f"unknown engine {engine!r}; use auto, fast or torch")
-    if engine == "torch":
-        return engine
-    if kernels.load() is None:
-        if engine == "fast":
-            raise LlmosError(f"--engine fast needs the C++ kernels, which could not be built ({kernels.why_not()}); "
-                             "install g++ or use --engine torch")
-        return "torch"
-    return "fast"
-
-
 def bench(model: str | None = None, shape: str | None = None, precisions=DEFAULT_PRECISIONS, group_size=None,
           prefill: int = 512, decode: int = 128, reps: int = 3, threads: int | None = None, log=print,
           engine: str = "auto") -> list[dict]:
@@ -328,11 +304,11 @@ def bench(model: str | None = None, shape: str | None = None, precisions=DEFAULT
     if model and shape:
         raise LlmosError("pass a MODEL or --shape, not both")
     for p in precisions:
-        if p not in quant.PRECISIONS:
-            raise LlmosError(f"unknown precision {p!r}; use some of {', '.join(quant.PRECISIONS)}")
+        if p not in loader.PRECISIONS:
+            raise LlmosError(f"unknown precision {p!r}; use some of {', '.join(loader.PRECISIONS)}")
     if min(prefill, decode, reps) < 1:
         raise LlmosError("--prefill, --decode and --reps must be at least 1")
-    engine = pick_engine(engine)  # here, so each child loads the kernels already built
+    engine = "fast" if loader.backend(engine) == "fast" else "torch"  # here, so each child finds the kernels built
     if threads:
         torch.set_num_threads(threads)
     bw = bandwidth()
@@ -368,19 +344,6 @@ def write_json(records, out) -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(records, indent=2) + "\n")
     os.replace(tmp, out)
-
-
-def cmd_bench(args) -> int:
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    def log(line: str) -> None:
-        print(line, file=sys.stderr if line.startswith("read") else sys.stdout, flush=True)
-
-    records = bench(args.model, args.shape, precisions, args.group_size, args.prefill, args.decode, args.reps,
-                    args.threads, log=log, engine=getattr(args, "engine", "auto"))
-    if args.json:
-        write_json(records, args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
 
 
 def main(argv=None) -> int:

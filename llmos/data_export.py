@@ -27,7 +27,7 @@ from pathlib import Path
 
 from llmos.errors import LlmosError
 from llmos.server.store import Store, home
-from llmos.train import atomic_write
+from llmos.files import atomic_write
 
 
 def export(store: Store, sft: str | None = None, dpo: str | None = None) -> dict[str, int]:

@@ -25,63 +25,16 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
+from llmos.sampling import SamplingParams
 
 # ----------------------------------------------------------------------------
 # Requests and results
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.7  # 0 = greedy: argmax after penalties, top-k/top-p/min-p unused
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # CTRL: over prompt and generated tokens; 1 = off
-    presence_penalty: float = 0.0  # OpenAI: over generated tokens
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None  # None = off; N = the chosen token's logprob and the N most likely
-    # (generated ids per row, logits [B, V]) -> logits: applied before penalties and sampling, e.g. a
-    # grammar's mask (llmos/server/grammar.py); logprobs stay the model's own. Hold no state across
-    # requests: give each generation its own.
-    logits_processor: Callable[[list[list[int]], torch.Tensor], torch.Tensor] | None = None
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):  # the OpenAI API accepts one string or a list
-            self.stop = [self.stop]
-
-    def validate(self) -> None:
-        """LlmosError naming the first parameter out of range, the range and the value."""
-        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-        whole = lambda x: isinstance(x, int) and not isinstance(x, bool)
-        list_of = lambda x, ok: isinstance(x, (list, tuple)) and all(map(ok, x))
-        rules = [
-            ("max_new_tokens", "an integer >= 1", lambda x: whole(x) and x >= 1),
-            ("temperature", ">= 0 (0 means greedy)", lambda x: num(x) and x >= 0),
-            ("top_k", "an integer >= 0 (0 means off)", lambda x: whole(x) and x >= 0),
-            ("top_p", "in (0, 1]", lambda x: num(x) and 0 < x <= 1),
-            ("min_p", "in [0, 1]", lambda x: num(x) and 0 <= x <= 1),
-            ("repetition_penalty", "> 0 (1 means off)", lambda x: num(x) and x > 0),
-            ("presence_penalty", "in [-2, 2]", lambda x: num(x) and -2 <= x <= 2),
-            ("frequency_penalty", "in [-2, 2]", lambda x: num(x) and -2 <= x <= 2),
-            ("seed", "an integer or None", lambda x: x is None or whole(x)),
-            ("stop", "a list of non-empty strings", lambda x: list_of(x, lambda s: isinstance(s, str) and s)),
-            ("stop_token_ids", "a list of token ids >= 0", lambda x: list_of(x, lambda t: whole(t) and t >= 0)),
-            ("logprobs", "an integer in [0, 20] or None", lambda x: x is None or (whole(x) and 0 <= x <= 20)),
-            ("logits_processor", "a callable or None", lambda x: x is None or callable(x)),
-        ]
-        for name, allowed, ok in rules:
-            if not ok(getattr(self, name)):
-                raise LlmosError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -241,6 +194,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, eos_ids: list[int] | None = None, fast=None, draft=None):
         self.model, self.tokenizer, self.fast = model, tokenizer, fast
+        self.cfg = (model if model is not None else fast).cfg  # no model: the fast decoder runs alone
         self.draft = draft  # a llmos.speculative.Draft: single-prompt generation decodes speculatively
         if draft is not None:
             draft.check(model, tokenizer)
@@ -284,7 +238,7 @@ class Engine:
         set when the oldest turns had to be dropped to fit the context."""
         params = params or SamplingParams()
         params.validate()
-        limit = self.model.cfg.max_seq_len
+        limit = self.cfg.max_seq_len
         # Reserve room for the reply, but never more than half the context for a huge max_new_tokens.
         kept, dropped = fit_messages(self.tokenizer, messages, limit, min(params.max_new_tokens, limit // 2))
         notice = None
@@ -300,7 +254,7 @@ class Engine:
     def check(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
         """Validate; return each prompt's token budget (max_new_tokens, clamped to the context)."""
         params.validate()
-        limit, vocab = self.model.cfg.max_seq_len, self.model.cfg.vocab_size
+        limit, vocab = self.cfg.max_seq_len, self.cfg.vocab_size
         budgets = []
         for i, prompt in enumerate(prompts):
             name = "prompt" if len(prompts) == 1 else f"prompt {i}"
@@ -321,6 +275,9 @@ class Engine:
 
     def _model_logits(self, prompts, budgets):
         """Logits [B, V] after the left-padded prompts, and step(chosen [B]) -> logits after them; the model path."""
+        if self.model is None:
+            raise LlmosError("this model runs on the fast decoder alone, one sequence at a time; "
+                             "load it with batch > 1 (or --engine torch) for batches")
         device = next(self.model.parameters()).device
         longest = max(map(len, prompts))
         pads = [longest - len(p) for p in prompts]
@@ -344,10 +301,8 @@ class Engine:
         """Yield, per decode step, one Piece per row (None for rows already finished). One prompt runs on
         the fast decoder when there is one and it is free (claimed: the caller already holds it)."""
         if self.draft is not None and len(prompts) == 1 and not claimed:
-            from llmos import speculative
-
-            if speculative.supports(params):
-                yield from speculative.steps(self, prompts[0], params, budgets[0])
+            if self.draft.supports(params):
+                yield from self.draft.steps(self, prompts[0], params, budgets[0])
                 return
         fast = claimed or (len(prompts) == 1 and self._claim_fast())
         try:

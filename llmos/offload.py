@@ -29,6 +29,8 @@ import sys
 import torch
 
 from llmos.errors import LlmosError
+from llmos import planner
+from llmos.model import KVCache
 
 CUDA_OVERHEAD = 500_000_000  # CUDA context, cuBLAS workspace, allocator slack: roughly, as planner.advice assumes
 
@@ -70,8 +72,6 @@ def choose_layers(free: int, layer_bytes: int, kv_layer_bytes: int, output_bytes
 
 def auto_layers(model, device: str, dtype, ctx: int, batch: int = 1) -> tuple[int, str]:
     """N for `auto`, and a line saying why."""
-    from llmos import planner
-
     cfg = model.cfg
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     size = torch.finfo(dtype).bits // 8
@@ -114,8 +114,6 @@ def place(model, gpu_layers, device: str = "cuda", dtype="auto", ctx: int | None
     home = model.embed.weight
 
     def new_cache(batch: int = 1, max_len: int | None = None):
-        from llmos.model import KVCache
-
         cache = KVCache(model.cfg, batch, 0, home.device, home.dtype)  # empty: storage made per layer below
         cache.max_len = max_len or model.cfg.max_seq_len
         shapes = (batch, model.cfg.n_kv_heads, cache.max_len, model.cfg.head_dim)

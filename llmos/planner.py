@@ -43,6 +43,8 @@ Checked against measured peak resident memory (bench/README.md has the numbers a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -50,8 +52,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmos import fast
+import gguf as gguf_lib
+import torch
+
+from llmos import fast, kernels, loader, registry
 from llmos.errors import LlmosError
+from llmos.formats import gguf, hf, quantized, read_checkpoint
 from llmos.model import Config
 
 PRECISIONS = ("f32", "f16", "bf16", "int8", "int4")
@@ -210,17 +216,13 @@ def source(name: str) -> Source:
     key = ALIASES.get(str(name).lower(), str(name).lower())
     if key in SIZES:
         return Source(key, SIZES[key], "size")
-    from llmos import quant, registry
-
     try:
         path = registry.resolve(name)
     except LlmosError as e:
         if re.fullmatch(r"[\d.]+[mb]", key):
             raise LlmosError(f"unknown size {name!r}; name a model file or one of {', '.join(SIZES)}") from None
         raise e
-    if path.is_dir() and quant.is_quantized_dir(path):
-        from llmos.formats import hf
-
+    if path.is_dir() and quantized.is_quantized_dir(path):
         config = hf.read_json(path / "config.json")
         q = config.pop("quantization_config")
         cfg, _ = hf.config_from_hf(config, path / "config.json")
@@ -229,8 +231,6 @@ def source(name: str) -> Source:
     if path.is_dir():
         return hf_source(path)
     if path.suffix != ".bin":
-        from llmos.formats import gguf
-
         reader, fields = gguf.open_gguf(path)
         arch = fields.get("general.architecture")
         tensors = {t.name: t for t in reader.tensors}
@@ -257,23 +257,17 @@ def source(name: str) -> Source:
                          if t.tensor_type.name not in BLOCK_BYTES and len(t.shape) == 2), default=0)
         return Source(path.name, cfg, "gguf", path.stat().st_size, cfg.num_params() * 4, temporary, stored,
                       blocks=blocks, stored_fast=stored_fast, stored_temporary=converted)
-    from llmos.formats import read_checkpoint  # llama2.c: the header gives the config
-
     ckpt = read_checkpoint(path, weights=False)
     return Source(path.name, ckpt.config, "llama2c", path.stat().st_size, cfg_bytes(ckpt.config, 4), 0, "f32")
 
 
 def hf_source(path: Path) -> Source:
-    from llmos.formats import hf
-
     cfg, _ = hf.config_from_hf(hf.read_json(path / "config.json"), path / "config.json")
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     dtypes, read = set(), 0
     for f in files:
         if f.suffix == ".safetensors":  # the header says every tensor's dtype and byte range
-            from llmos.quant import safetensors_header
-
-            for k, v in safetensors_header(f).items():
+            for k, v in quantized.safetensors_header(f).items():
                 if k != "__metadata__":
                     read += v["data_offsets"][1] - v["data_offsets"][0]
                     dtypes.add(v["dtype"])
@@ -288,14 +282,12 @@ def gguf_temporary(t) -> int:
     """Bytes llmos.formats.gguf holds beside a tensor's float32 result while dequantizing it: nothing
     for F32 (copied from the mapped file), a whole float32 array for F16/BF16, and for block types
     a few float32 arrays of 64k blocks (it dequantizes 64k blocks at a time)."""
-    import gguf
-
     n, kind = int(t.n_elements), t.tensor_type.name
     if kind == "F32":
         return 0
     if kind in ("F16", "BF16"):
         return n * 4
-    block = gguf.GGML_QUANT_SIZES[t.tensor_type][0]
+    block = gguf_lib.GGML_QUANT_SIZES[t.tensor_type][0]
     return min(n, (1 << 16) * block) * 4 * 3
 
 
@@ -396,8 +388,6 @@ def machine() -> dict:
         except (ValueError, OSError, AttributeError):
             pass
     gpus = []
-    import torch
-
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
@@ -525,47 +515,29 @@ def describe_weights(p: dict) -> str:
 
 
 def pick_engine(engine: str | None, train: str = "none", batch: int = 1) -> str:
-    """The engine `llmos run` would use: auto → fast for one sequence when the C++ kernels build here."""
-    engine = engine or "auto"
-    if engine not in ("auto", "fast", "torch"):
-        raise LlmosError(f"unknown engine {engine!r}; use auto, fast or torch")
-    if engine != "auto":
-        return engine
-    if train != "none" or batch != 1:
-        return "torch"
-    import contextlib
-    import io
-
-    from llmos import kernels
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        return "fast" if kernels.load() is not None else "torch"
+    """The engine `llmos run` would use, as the loader decides it (llmos.loader.backend), in the planner's two kinds."""
+    with contextlib.redirect_stderr(io.StringIO()):  # a plan is no place for the kernels' build note
+        kind = loader.backend(engine or "auto", batch=batch, train=train != "none")
+    return "fast" if kind == "fast" else "torch"
 
 
-def cmd_fit(args) -> int:
-    if args.table:
-        print(f"{'size':<6}{'precision':<11}{'weights':>11}{'KV @ ' + str(args.ctx or 4096):>12}{'total':>11}   smallest GPU")
-        for r in table(args.ctx or 4096):
-            print(f"{r['size']:<6}{r['precision']:<11}{gb(r['weights']):>11}{gb(r['kv_cache']):>12}{gb(r['total']):>11}   {r['gpu']}")
-        return 0
-    if args.model is None:
-        raise LlmosError("name a model (a file, a directory, a name, or a size like 7b), or pass --table")
-    src = source(args.model)
-    engine = pick_engine(getattr(args, "engine", None), args.train, args.batch)
+def fit(model: str, quant: str | None = None, ctx: int | None = None, batch: int = 1, train: str = "none",
+        group_size: int | None = None, engine: str | None = None) -> tuple[dict, "Source"]:
+    """(plan, source) for `llmos fit MODEL`: the precision as `llmos run` would load the file unless given."""
+    src = source(model)
+    engine = pick_engine(engine, train, batch)
     stored = BLOCK_PRECISION.get(src.blocks) if engine == "fast" else None  # llmos run takes the blocks as stored
-    precision = args.quant or src.precision or stored or "f32"
+    precision = quant or src.precision or stored or "f32"
     if src.format.startswith("llmos") and precision != src.precision:
-        raise LlmosError(f"{args.model} is quantized to {src.precision}; plan it as --quant {src.precision}")
-    p = plan(src, precision, args.ctx, args.batch, args.train, group_size=args.group_size or src.group_size or 32,
-             engine=engine)
-    here = machine()
-    if args.json:
-        print(json.dumps({**p, "machine": here, "advice": advice(p, src, here)}, indent=2))
-        return 0
+        raise LlmosError(f"{model} is quantized to {src.precision}; plan it as --quant {src.precision}")
+    p = plan(src, precision, ctx, batch, train, group_size=group_size or src.group_size or 32, engine=engine)
+    return p, src
+
+
+def report(p: dict, src: "Source", here: dict) -> list[str]:
+    """What `llmos fit` prints: the model, then each part of the plan, then whether it fits here."""
     cfg = src.config
     kind = "inference" if p["train"] == "none" else f"{p['train']} training"
-    print(f"{src.name}: {cfg.num_params() / 1e6:,.1f}M parameters, {cfg.n_layers} layers, width {cfg.dim}; "
-          f"{precision}, context {p['ctx']}, batch {p['batch']}, {kind}")
-    for line in describe(p, cfg) + advice(p, src, here):
-        print(line)
-    return 0
+    head = (f"{src.name}: {cfg.num_params() / 1e6:,.1f}M parameters, {cfg.n_layers} layers, width {cfg.dim}; "
+            f"{p['precision']}, context {p['ctx']}, batch {p['batch']}, {kind}")
+    return [head] + describe(p, cfg) + advice(p, src, here)

@@ -36,70 +36,19 @@ on reading and can be requantized, with a note that the errors add up.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import ctypes
+import gc
 import sys
-from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
+from llmos.formats import expected_shapes
+from llmos.formats.quantized import GROUP_SIZES, SCHEMES, dequantize_weight, quantize_weight, unpack_int4
 
-SCHEMES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128)
 SKIP = ("head",)  # model.forward reads head.weight directly: it stays a float nn.Linear
-SCALE_DTYPE = torch.bfloat16
-QUANT_METHOD = "llmos"
-
-# ----------------------------------------------------------------------------
-# Quantize and dequantize one weight matrix [out, in] (the reference arithmetic)
-
-
-@torch.no_grad()
-def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 32) -> dict[str, torch.Tensor]:
-    """The stored tensors of one weight: {"qweight", "scales"} (+ "zeros" for int4), on w's device."""
-    w = w.detach().float()
-    if scheme == "int8":
-        # Round the scale first, then the weights against it, so dequantizing with the stored
-        # bfloat16 scale is the best the grid allows.
-        scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(SCALE_DTYPE)
-        q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-        return {"qweight": q, "scales": scales}
-    if scheme == "int4":
-        out, width = w.shape
-        g = w.reshape(out, width // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scales = ((hi - lo) / 15).clamp(min=1e-12).to(SCALE_DTYPE)
-        zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)  # the value of q = 8
-        start = zeros.float() - 8 * scales.float()  # the value of q = 0
-        q = torch.round((g - start[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
-        return {"qweight": pack_int4(q.reshape(out, width)), "scales": scales, "zeros": zeros}
-    raise LlmosError(f"unknown quantization {scheme!r}; use int8 or int4")
-
-
-def dequantize_weight(t: dict[str, torch.Tensor], scheme: str, group_size: int = 32) -> torch.Tensor:
-    """float32 [out, in] from the stored tensors: exactly what the kernels multiply by."""
-    if scheme == "int8":
-        return t["qweight"].float() * t["scales"].float()[:, None]
-    q = unpack_int4(t["qweight"]).float()
-    out, width = q.shape
-    g = q.reshape(out, width // group_size, group_size)
-    return ((g - 8) * t["scales"].float()[..., None] + t["zeros"].float()[..., None]).reshape(out, width)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in] of values 0..15 → [out, in/2]: column 2j in the high nibble, 2j+1 in the low
-    (the input torch's CUDA packer takes, and torchao's layout)."""
-    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-
-
-def unpack_int4(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p >> 4, p & 15], dim=-1).reshape(p.shape[0], -1)
-
 
 # ----------------------------------------------------------------------------
 # Modules: drop-in replacements for nn.Linear
@@ -270,210 +219,8 @@ def quantize_state_dict(state_dict: dict, cfg, scheme: str, group_size: int | No
 
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
     """{name: (out, in)} of every nn.Linear a Transformer of this config has."""
-    from llmos.formats import expected_shapes  # model.py's names and shapes, nothing allocated
-
     return {n[: -len(".weight")]: s for n, s in expected_shapes(cfg).items()
             if len(s) == 2 and n.endswith(".weight") and n != "embed.weight"}
-
-
-# ----------------------------------------------------------------------------
-# Files: write a quantized directory, load it back
-
-
-def is_quantized_dir(path) -> bool:
-    p = Path(path)
-    if not (p.is_dir() and (p / "config.json").is_file()):
-        return False
-    try:
-        q = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return False
-    return q.get("quant_method") == QUANT_METHOD
-
-
-def write_quantized(ckpt, tensors: dict[str, torch.Tensor], out_dir, quantization: dict) -> None:
-    """A directory like llmos export's, with `tensors` (llmos names, from quantize_state_dict) in
-    model.safetensors and `quantization_config` in config.json. Atomic: built beside, then renamed."""
-    from safetensors.torch import save_file
-
-    from llmos.formats import hf
-
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "llmos_config.json").is_file())):
-        raise LlmosError(f"{out}: already exists and was not written by llmos; choose another output path or remove it")
-    cfg, tok, meta = ckpt.config, ckpt.tokenizer, ckpt.meta
-    tmp, old = out.with_name(f"{out.name}.tmp-{os.getpid()}"), out.with_name(f"{out.name}.old-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
-        save_file({hf.to_hf(k): v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                  tmp / "model.safetensors", metadata={"format": "pt"})
-        eos_ids = list(meta.get("eos_token_ids") or (tok.eos_ids if tok else []))
-        bos, pad = (tok.bos_id, tok.pad_id) if tok else (None, None)
-        eos = tok.eos_id if tok and tok.eos_id is not None else next(iter(eos_ids), None)
-        floats = [v.dtype for k, v in tensors.items() if v.is_floating_point() and not k.endswith((".scales", ".zeros"))]
-        config = hf.config_to_hf(cfg, floats[0] if floats else torch.bfloat16, bos, eos, pad)
-        config["quantization_config"] = {"quant_method": QUANT_METHOD, **quantization}
-        hf.dump(tmp / "config.json", config)
-        gen = {"bos_token_id": bos, "eos_token_id": eos_ids or eos, "pad_token_id": pad}
-        hf.dump(tmp / "generation_config.json", {**gen, **meta.get("generation", {})})
-        hf.dump(tmp / "llmos_config.json", cfg.to_dict())
-        if tok is not None:
-            tok.save_hf(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_quantized(path, weights: bool = True):
-    """(Checkpoint with an empty state dict, stored tensors by llmos name, quantization dict) of a
-    directory written by write_quantized. weights=False reads no tensor (the dict is empty) and takes
-    the tensor types from the safetensors header."""
-    from llmos.formats import Checkpoint, hf
-
-    path = Path(path)
-    config = hf.read_json(path / "config.json")
-    q = dict(config.pop("quantization_config"))
-    if q.get("quant_method") != QUANT_METHOD or q.get("scheme") not in SCHEMES:
-        raise LlmosError(f"{path}: quantization {q} is not one llmos wrote; quantize the float model again")
-    cfg, arch = hf.config_from_hf(config, path / "config.json")
-    files = [path / "model.safetensors"]
-    if weights:
-        tensors, files = hf.load_tensors(path)
-        dtypes = {k: hf.SHORT_NAMES.get(v.dtype, str(v.dtype)) for k, v in tensors.items()}
-    else:
-        tensors = {}
-        dtypes = {k: v["dtype"].lower() for k, v in safetensors_header(files[0]).items() if k != "__metadata__"}
-    for k in dtypes:
-        if hf.to_llmos(k) is None:
-            raise LlmosError(f"{path}: unexpected tensor {k}; the directory is not a model llmos quantized")
-    named = {hf.to_llmos(k): v for k, v in tensors.items()}
-    gen = hf.read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-    eos = gen.get("eos_token_id", config.get("eos_token_id"))
-    kinds = Counter(q["scheme"] if k.endswith(".qweight") else t for k, t in dtypes.items()
-                    if not k.endswith((".scales", ".zeros")))
-    meta = {
-        "format": "hf", "path": str(path), "file_size": sum(f.stat().st_size for f in files),
-        "tensor_types": dict(kinds), "name": path.resolve().name, "architecture": arch, "quantization": q,
-        "eos_token_ids": [] if eos is None else [eos] if isinstance(eos, int) else list(eos),
-        "generation": {k: gen[k] for k in hf.GENERATION_KEYS if gen.get(k) is not None},
-    }
-    return Checkpoint(cfg, {}, hf.load_tokenizer(path), meta), named, q
-
-
-def split_quantized(named: dict, q: dict, cfg, where) -> tuple[dict, dict]:
-    """({linear name: its stored tensors}, {float tensor name: tensor}), checked against the config."""
-    from llmos.formats import expected_shapes
-
-    expected = expected_shapes(cfg)
-    parts = ("qweight", "scales") + (("zeros",) if q["scheme"] == "int4" else ())
-    stems = {n.rpartition(".")[0] for n in named if n.endswith(".qweight")}
-    quantized = {s: {p: named.pop(f"{s}.{p}", None) for p in parts} for s in stems}
-    for s, t in quantized.items():
-        out, width = expected.get(f"{s}.weight", (None, None))
-        shape = (out, width // 2) if q["scheme"] == "int4" else (out, width)
-        if out is None or None in t.values() or tuple(t["qweight"].shape) != shape:
-            raise LlmosError(f"{where}: {s} does not match the config (missing parts or wrong shape); the directory is incomplete or corrupt")
-    floats = {k: v for k, v in named.items()}
-    missing = sorted(set(expected) - set(floats) - {f"{s}.weight" for s in stems})
-    unexpected = sorted(set(floats) - set(expected))
-    if missing or unexpected:
-        raise LlmosError(f"{where}: tensors do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]}); the directory is incomplete or corrupt")
-    return quantized, floats
-
-
-def load_quantized(path, device: str = "cpu", dtype=None):
-    """(Transformer with Int8/Int4Linear layers, Tokenizer | None, Checkpoint) from a quantized
-    directory; the packed kernels are made for `device`. dtype: compute dtype (default bfloat16)."""
-    from llmos import registry
-    from llmos.model import Transformer
-
-    device = registry.check_device(device)
-    dtype = registry.parse_dtype(dtype or "bf16", device)
-    ckpt, named, q = read_quantized(path)
-    quantized, floats = split_quantized(named, q, ckpt.config, path)
-    with registry.no_init():  # the float weights of swapped layers are never touched, so cost no memory
-        model = Transformer(ckpt.config)
-    for i, stem in enumerate(list(quantized), 1):  # popped: each stored copy is freed once its kernel layout exists
-        bias = floats.pop(f"{stem}.bias", None)
-        # copies: safetensors hands out views of the mapped file, which would keep every page
-        # read (the stored int4 weights too) resident for as long as one view lives
-        t = {k: v.to(device, copy=True) for k, v in quantized.pop(stem).items()}
-        parent, _, leaf = stem.rpartition(".")
-        setattr(model.get_submodule(parent), leaf,
-                make_linear(t, q["scheme"], q.get("group_size"), None if bias is None else bias.to(device, dtype)))
-        if i % TRIM_EVERY == 0:
-            release_memory(collect=False)
-    floats = {k: v.to(device, dtype, copy=True) for k, v in floats.items()}
-    missing, unexpected = model.load_state_dict(floats, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith((".qweight", ".scales", ".scales_and_zeros", ".bias"))]
-    assert not missing and not unexpected, (missing, unexpected)  # split_quantized checked the names
-    model = model.to(device=device, dtype=dtype).eval()
-    del quantized, floats, named
-    release_memory()
-    return model, ckpt.tokenizer, ckpt
-
-
-def safetensors_header(file) -> dict:
-    """name → {"dtype", "shape", "data_offsets"} of a .safetensors file, from its header alone."""
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            return json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise LlmosError(f"{file}: cannot read the safetensors header ({e}); the file is truncated or corrupt") from None
-
-
-def read_dequantized(path, weights: bool = True):
-    """A float32 Checkpoint of a quantized directory (for show and export): the weights the kernels
-    multiply by, with meta["quantization"] saying where they came from."""
-    ckpt, named, q = read_quantized(path, weights)
-    if not weights:
-        return ckpt
-    quantized, floats = split_quantized(named, q, ckpt.config, path)
-    sd = {k: v.float() for k, v in floats.items()}
-    for stem, t in quantized.items():
-        sd[f"{stem}.weight"] = dequantize_weight(t, q["scheme"], q.get("group_size"))
-    ckpt.state_dict = sd
-    return ckpt
-
-
-PRECISIONS = ("f32", "f16", "bf16", "int8", "int4")
-
-
-def load_precision(name, precision: str | None = None, device: str = "cpu", group_size: int | None = None):
-    """(model, tokenizer, checkpoint) at a precision: f32 | f16 | bf16, or int8 | int4 quantized after
-    loading, or a quantized directory as stored. Converts and quantizes one tensor at a time and
-    drops the float state dict, so the peak is the file as read (llmos.planner counts it so)."""
-    from llmos import registry
-    from llmos.formats import read_checkpoint
-
-    if precision is not None and precision not in PRECISIONS:
-        raise LlmosError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    path = registry.resolve(name)
-    if is_quantized_dir(path):
-        stored = json.loads((path / "config.json").read_text())["quantization_config"].get("scheme")
-        if precision not in (None, stored):
-            raise LlmosError(f"{path}: quantized to {stored}; it runs as {stored} only (quantize the float model to get {precision})")
-        return load_quantized(path, device)
-    ckpt = read_checkpoint(path)
-    scheme = precision if precision in SCHEMES else None
-    if scheme:
-        check_scheme(scheme, group_size)
-    dtype = registry.parse_dtype("f32" if scheme or precision is None else precision, device)
-    sd = ckpt.state_dict
-    for k in list(sd):  # one at a time, so the old copy is freed before the next is made
-        sd[k] = sd[k].to(dtype)
-    model = registry.build_model(ckpt, device, dtype)
-    ckpt.state_dict = {}  # the model now holds the only reference: quantizing frees each float weight
-    del sd
-    if scheme:
-        quantize_model(model, scheme, group_size)
-    release_memory()
-    return model, ckpt.tokenizer, ckpt
 
 
 def release_memory(collect: bool = True) -> None:
@@ -481,13 +228,9 @@ def release_memory(collect: bool = True) -> None:
     resident size would stay at the loading peak, and while swapping layers the float32 and int32
     temporaries of each layer pile up in the heap instead of being reused."""
     if collect:
-        import gc
-
         gc.collect()  # a third of a second with torch imported: only once, at the end
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
@@ -496,32 +239,3 @@ def release_memory(collect: bool = True) -> None:
 TRIM_EVERY = 16  # layers swapped between two malloc_trim calls (each costs milliseconds)
 
 
-# ----------------------------------------------------------------------------
-# llmos quantize MODEL --to int8|int4 OUT [--group-size G]
-
-
-def cmd_quantize(args) -> int:
-    from llmos import registry
-    from llmos.formats import read_checkpoint
-
-    path = registry.resolve(args.model)
-    if is_quantized_dir(path):
-        raise LlmosError(f"{path}: already quantized by llmos; quantize the float model it came from")
-    if args.to == "int8" and getattr(args, "group_size", None):
-        raise LlmosError("--group-size applies to int4 only; int8 has one scale per output row")
-    group_size = check_scheme(args.to, getattr(args, "group_size", None))
-    ckpt = read_checkpoint(path)
-    tensors = quantize_state_dict(ckpt.state_dict, ckpt.config, args.to, group_size)
-    lossy = sorted(t for t in ckpt.meta.get("tensor_types", {}) if t.upper() not in FLOAT_TYPES)
-    if lossy:  # GGUF blocks were dequantized to float32 on reading; requantizing adds their error to ours
-        print(f"note: {path.name} stores {', '.join(lossy)} tensors; they were dequantized and requantized, "
-              "which adds error (quantize the float original when you have it)", file=sys.stderr)
-    quantization = {"scheme": args.to, "bits": 8 if args.to == "int8" else 4, "group_size": group_size,
-                    "not_quantized": ["embed"] + (["head"] if not ckpt.config.tie_embeddings else [])}
-    write_quantized(ckpt, tensors, args.out, quantization)
-    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
-    print(f"wrote {args.out} ({args.to}{f', groups of {group_size}' if group_size else ''}, {size / 1e6:.1f} MB)")
-    return 0
-
-
-FLOAT_TYPES = {"F32", "F16", "BF16", "FLOAT32", "FLOAT16", "BFLOAT16"}

@@ -71,6 +71,13 @@ class Draft:
                 raise LlmosError("the draft model's tokenizer differs from the target's; "
                                  "pick a draft from the same model family (same tokenizer)")
 
+    def supports(self, params: SamplingParams) -> bool:
+        return supports(params)
+
+    def steps(self, engine, prompt: list[int], params: SamplingParams, budget: int):
+        """The engine's decode loop for one prompt, speculatively (the engine calls this; see steps below)."""
+        return steps(engine, prompt, params, budget)
+
 
 def supports(params: SamplingParams) -> bool:
     """Whether a request can be decoded speculatively (see the module docstring)."""

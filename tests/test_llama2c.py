@@ -5,7 +5,6 @@ of run.c's forward pass (interleaved rope pairs, no permutation) on the syntheti
 """
 
 import struct
-import sys
 import types
 from pathlib import Path
 
@@ -279,7 +278,7 @@ def test_tokenizer_is_found_beside_the_checkpoint_or_asked_for(tmp_path, monkeyp
         llama2c.read(tmp_path / "model.bin", tokenizer_path=tmp_path / "missing.bin")
     seen = []
     fake = types.SimpleNamespace(from_llama2c=lambda path, vocab_size: seen.append((Path(path).name, vocab_size)))
-    monkeypatch.setitem(sys.modules, "llmos.tokenizer", types.SimpleNamespace(Tokenizer=fake))
+    monkeypatch.setattr(llama2c, "Tokenizer", fake)
     for name in ("tokenizer.bin", "tok32.bin"):  # tok{vocab}.bin wins over tokenizer.bin
         (tmp_path / name).write_bytes(b"")
         llama2c.read(tmp_path / "model.bin")

@@ -19,7 +19,7 @@ from llmos.engine import Engine, SamplingParams
 from llmos.formats import gguf as G
 from llmos.formats import Checkpoint, llama2c, read_checkpoint
 from llmos.model import Config, Transformer
-from llmos.registry import build_model
+from llmos.loader import build_model
 from llmos.tokenizer import BYTE_DECODER, _BYTE_TOKEN, Tokenizer
 
 BIN = Path(os.environ.get("LLMOS_LLAMA_CPP") or "/nonexistent")

@@ -13,6 +13,7 @@ import torch
 
 from llmos.errors import LlmosError
 from llmos.train import pipeline as P
+from conftest import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,7 +209,7 @@ def test_every_stage_runs_pauses_resumes_skips_and_the_model_loads_in_transforme
     from llmos import registry
     from llmos.formats import read_checkpoint
 
-    model, tok, _ = registry.load_model(str(out / "dpo"), dtype="f32")
+    model, tok, _ = load_model(str(out / "dpo"), dtype="f32")
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "Who are you? The cat sees the king."}])])
     hf = AutoModelForCausalLM.from_pretrained(out / "dpo").float().eval()
     with torch.no_grad():

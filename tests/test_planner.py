@@ -12,6 +12,7 @@ import torch
 from llmos import planner, quant
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
+from llmos.cli import main
 
 # 2 layers, width 64, 4 heads of 16 (2 kv heads: kv width 32), MLP 128, vocabulary 100, untied.
 # Per layer: wq 64x64 = 4096, wk 32x64 = 2048, wv 2048, wo 4096, w1 = w3 = 128x64 = 8192, w2 8192,
@@ -230,12 +231,10 @@ def test_machine_reports_ram():
 
 
 def test_fit_command(capsys):
-    args = dict(model=None, ctx=None, quant=None, batch=1, train="none", group_size=None, table=False, json=False,
-                engine="torch")
-    assert planner.cmd_fit(Namespace(**{**args, "table": True})) == 0
+    assert main(["fit", "--table", "--engine", "torch"]) == 0
     out = capsys.readouterr().out
     assert "7B    fp16          14.00 GB     2.15 GB" in out
-    assert planner.cmd_fit(Namespace(**{**args, "model": "7b", "quant": "int4"})) == 0
+    assert main(["fit", "7b", "--quant", "int4", "--engine", "torch"]) == 0
     out = capsys.readouterr().out
     assert "7b: 6,738.4M parameters" in out and "int4 layers (groups of 32), bf16 embedding" in out and "peak" in out
 
@@ -249,9 +248,7 @@ def test_bad_input():
         planner.plan(CFG, "f32", ctx=0)
     with pytest.raises(LlmosError, match="--ctx 65 exceeds model's context limit of 64 tokens"):
         planner.plan(CFG, "f32", ctx=65)
-    with pytest.raises(LlmosError, match="name a model"):
-        planner.cmd_fit(Namespace(model=None, ctx=None, quant=None, batch=1, train="none", group_size=None,
-                                  table=False, json=False))
+    assert main(["fit"]) == 2  # "name a model", on stderr
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,10 @@ from llmos import quant
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint
 from llmos.model import Config, Transformer
+from llmos import loader
+from llmos.formats import quantized
+from llmos.cli import cmd_quantize
+from conftest import load_precision
 
 
 def tiny(**kw) -> Config:
@@ -87,9 +91,9 @@ def test_int4_by_hand():
 
 def test_int4_packing_layout():
     q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
-    assert quant.pack_int4(q).tolist() == [[0x12, 0xF0]]  # column 2j in the high nibble
+    assert quantized.pack_int4(q).tolist() == [[0x12, 0xF0]]  # column 2j in the high nibble
     r = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
-    assert torch.equal(quant.unpack_int4(quant.pack_int4(r)), r)
+    assert torch.equal(quant.unpack_int4(quantized.pack_int4(r)), r)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -203,47 +207,47 @@ def test_save_load_round_trip_is_exact(tmp_path, scheme):
     m = model_of(cfg)
     tensors = quant.quantize_state_dict(m.state_dict(), cfg, scheme, 32, dtype=torch.float32)
     info = {"scheme": scheme, "group_size": 32 if scheme == "int4" else None}
-    quant.write_quantized(Checkpoint(cfg, {}, None, {"eos_token_ids": [2]}), tensors, tmp_path / "q", info)
-    assert quant.is_quantized_dir(tmp_path / "q")
-    ckpt, named, q = quant.read_quantized(tmp_path / "q")
+    quantized.write_quantized(Checkpoint(cfg, {}, None, {"eos_token_ids": [2]}), tensors, tmp_path / "q", info)
+    assert quantized.is_quantized_dir(tmp_path / "q")
+    ckpt, named, q = quantized.read_quantized(tmp_path / "q")
     assert q["scheme"] == scheme and ckpt.config == cfg and ckpt.meta["eos_token_ids"] == [2]
     assert named.keys() == tensors.keys()
     assert all(torch.equal(named[k], tensors[k]) and named[k].dtype == tensors[k].dtype for k in tensors)
 
-    loaded, _, _ = quant.load_quantized(tmp_path / "q", dtype="f32")
+    loaded, _ = loader.load_quantized(tmp_path / "q", dtype="f32")
     direct = quant.quantize_model(copy.deepcopy(m), scheme, info["group_size"], dtype=torch.float32)
     tokens = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():
         assert torch.equal(loaded(tokens), direct(tokens))
     # the float view (for show and export) holds exactly the dequantized weights
-    flat = quant.read_dequantized(tmp_path / "q")
+    flat = quantized.read_dequantized(tmp_path / "q")
     w = flat.state_dict["layers.1.mlp.w2.weight"]
     assert torch.equal(w, quant.dequantize_weight(quant.quantize_weight(m.layers[1].mlp.w2.weight, scheme, 32), scheme, 32))
     assert flat.meta["quantization"]["scheme"] == scheme and flat.meta["tensor_types"][scheme] == 14
-    header_only = quant.read_dequantized(tmp_path / "q", weights=False)  # for llmos show: no tensor read
+    header_only = quantized.read_dequantized(tmp_path / "q", weights=False)  # for llmos show: no tensor read
     assert header_only.state_dict == {} and header_only.meta["tensor_types"] == flat.meta["tensor_types"]
 
 
 def test_quantize_command_and_load_precision(tmp_path, capsys):
     m, src = write_float_dir(tmp_path, tiny())
     out = tmp_path / "q4"
-    assert quant.cmd_quantize(Namespace(model=str(src), out=str(out), to="int4", group_size=64)) == 0
+    assert cmd_quantize(Namespace(model=str(src), out=str(out), to="int4", group_size=64)) == 0
     assert "groups of 64" in capsys.readouterr().out
-    model, tok, ckpt = quant.load_precision(str(out))
+    model, tok, ckpt = load_precision(str(out))
     assert quant.quantization_of(model) == {"scheme": "int4", "group_size": 64}
     assert model.embed.weight.dtype == torch.bfloat16 and tok is None
     # quantizing in memory after loading the float directory gives the same model
-    again, _, _ = quant.load_precision(str(src), "int4", group_size=64)
+    again, _, _ = load_precision(str(src), "int4", group_size=64)
     tokens = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(model(tokens), again(tokens))
-    floaty, _, _ = quant.load_precision(str(src), "bf16")
+    floaty, _, _ = load_precision(str(src), "bf16")
     assert floaty.embed.weight.dtype == torch.bfloat16 and quant.quantization_of(floaty) is None
     # a quantized directory is refused as a source, and cannot be loaded at another precision
     with pytest.raises(LlmosError, match="already quantized"):
-        quant.cmd_quantize(Namespace(model=str(out), out=str(tmp_path / "again"), to="int8", group_size=None))
+        cmd_quantize(Namespace(model=str(out), out=str(tmp_path / "again"), to="int8", group_size=None))
     with pytest.raises(LlmosError, match="quantized to int4; it runs as int4 only"):
-        quant.load_precision(str(out), "int8")
+        load_precision(str(out), "int8")
 
 
 def test_existing_foreign_output_is_refused(tmp_path):
@@ -251,7 +255,7 @@ def test_existing_foreign_output_is_refused(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(LlmosError, match="already exists and was not written by llmos"):
-        quant.cmd_quantize(Namespace(model=str(src), out=str(tmp_path / "taken"), to="int8", group_size=None))
+        cmd_quantize(Namespace(model=str(src), out=str(tmp_path / "taken"), to="int8", group_size=None))
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 
@@ -282,4 +286,4 @@ def test_unsupported_group_size_and_scheme():
     with pytest.raises(LlmosError, match="unknown quantization 'int3'"):
         quant.quantize_model(model_of(tiny()), "int3")
     with pytest.raises(LlmosError, match="unknown precision 'q4'"):
-        quant.load_precision("whatever", "q4")
+        load_precision("whatever", "q4")

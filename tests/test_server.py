@@ -133,7 +133,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def guarded(tok, home):
     """A slow model behind an API key, with room for one request at a time."""
-    app = create_app({"slow": (tiny_model(tok, SlowTransformer), tok, None)}, ServerConfig(api_key="sekret", max_pending=1, home=home))
+    app = create_app({"slow": (tiny_model(tok, SlowTransformer), tok, None)}, ServerConfig(api_key="sekret", max_pending=1, home=home, engine="torch"))
     running = Running(app)
     yield running
     running.stop()
@@ -419,7 +419,7 @@ class CountingTransformer(SlowTransformer):
 def test_concurrent_streams_share_the_decode_loop_and_a_disconnect_frees_the_row(model, tok, hf_tok, home):
     slow = tiny_model(tok, CountingTransformer)  # the same weights as `model`: tiny_model seeds them
     slow.decode_rows = []
-    app = create_app({"slow": (slow, tok, None)}, ServerConfig(home=home))
+    app = create_app({"slow": (slow, tok, None)}, ServerConfig(home=home, engine="torch"))
     scheduler = app.state.serving.models["slow"].scheduler
     running = Running(app)
     try:
@@ -461,4 +461,4 @@ def test_binding_beyond_loopback_needs_a_key():
         with pytest.raises(LlmosError, match="--api-key"):
             check_bind(host, None)
     with pytest.raises(LlmosError, match="--api-key"):  # refused before any model is loaded
-        serve(["no-such-model"], host="0.0.0.0")
+        serve(["no-such-model"], ServerConfig(host="0.0.0.0"))

@@ -44,7 +44,7 @@ def home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model, tok, home):
     slow = tiny_model(tok, SlowTransformer)
-    running = Running(create_app({"tiny": (model, tok, None), "slow": (slow, tok, None)}, ServerConfig(home=str(home))))
+    running = Running(create_app({"tiny": (model, tok, None), "slow": (slow, tok, None)}, ServerConfig(home=str(home), engine="torch")))
     yield running
     running.stop()
 
@@ -313,7 +313,7 @@ SERVE = textwrap.dedent("""
     tok = Tokenizer.from_hf_dir(sys.argv[1])
     model = Slow(Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=256))
     sock = listen("127.0.0.1", 0)
-    app = create_app({"slow": (model.eval(), tok, None)}, ServerConfig(home=sys.argv[2]))
+    app = create_app({"slow": (model.eval(), tok, None)}, ServerConfig(home=sys.argv[2], engine="torch"))
     print(sock.getsockname()[1], flush=True)
     uvicorn_server(app, log_level="warning").run(sockets=[sock])
 """)

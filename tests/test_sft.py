@@ -19,6 +19,7 @@ from llmos.train import chat_data as C
 from llmos.train import lora as L
 from llmos.train import sft as S
 from llmos.train.tokenizer_train import CHATML, save, train_bpe
+from conftest import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -350,7 +351,7 @@ def test_sft_learns_and_writes_a_model_llmos_runs(model_dir, identity_file, tmp_
     assert summary["finished"] and summary["val_after"]["val_loss"] < 0.3 * summary["val_before"]["val_loss"]
     out = tmp_path / "out"
     assert {"config.json", "model.safetensors", "tokenizer.json", "summary.json", "loss.png"} <= {p.name for p in out.iterdir()}
-    model, tok, ckpt = registry.load_model(str(out))
+    model, tok, ckpt = load_model(str(out))
     im_end = tok.hf.token_to_id("<|im_end|>")
     assert im_end in ckpt.meta["eos_token_ids"] and tok.chat_template == CHATML
     done = Engine(model, tok, ckpt.meta["eos_token_ids"]).generate(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
 from llmos.train import data as D
-from llmos.train import make_config
+from llmos.options import make_config
 from llmos.train import pretrain as P
 from llmos.train.tokenizer_train import SPECIAL_TOKENS, save, train_bpe
 

@@ -31,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llmos import loader
 from llmos.errors import LlmosError
 from llmos.evals.tasks import Task, get_task
-from llmos.train import atomic_write, make_config, option, parser_for
+from llmos.options import make_config, option, parser_for
+from llmos.files import atomic_write
+from llmos.engine import Engine, SamplingParams
+from llmos.train.chat_data import adapt_for_template
 
 
 @dataclass
@@ -144,9 +148,6 @@ def evaluate(task: Task, model, tok, limit: int = 0, batch_size: int = 8, max_ne
             bar.update(1)
         metrics = {"accuracy": acc / len(examples), "accuracy_norm": acc_norm / len(examples)}
     elif task.kind == "generate":
-        from llmos.engine import Engine, SamplingParams
-        from llmos.train.chat_data import adapt_for_template
-
         engine = Engine(model, tok, eos_ids=eos_ids or None)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         total = 0.0
@@ -181,10 +182,9 @@ def table(report: dict) -> str:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from llmos import registry
-
     task = get_task(cfg.task, cfg.data, cfg.expect)
-    model, tok, ckpt = registry.load_model(cfg.model, device=cfg.device)
+    r = loader.load(cfg.model, "torch", cfg.device, tokenizer=False)
+    model, tok, ckpt = r.model, r.tokenizer, r.checkpoint
     if tok is None:
         raise LlmosError(f"{cfg.model}: the model has no tokenizer; evaluation needs one")
     report = {"task": task.name, "model": str(ckpt.meta.get("path", cfg.model)),

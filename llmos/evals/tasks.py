@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llmos.errors import LlmosError
+from llmos.train import chat_data as C
 
 
 class Task:
@@ -176,8 +177,6 @@ class Contains(Task):
         self.path, self.expect = path, expect
 
     def examples(self):
-        from llmos.train import chat_data as C
-
         for where, row in C.read_rows(self.path):
             try:
                 conv = C.conversation(row)

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from llmos.errors import LlmosError
-from llmos.formats import Checkpoint, expected_shapes
+from llmos.formats.checkpoint import Checkpoint, expected_shapes
 from llmos.model import Config, rope_frequencies
+from llmos.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ def read(path, weights: bool = True, opened=None) -> Checkpoint:
     tok_fields = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
     tokenizer = None
     if "tokenizer.ggml.tokens" in tok_fields:
-        from llmos.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_gguf_fields(tok_fields)
     eos = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     meta = {"format": "gguf", "path": str(path), "file_size": path.stat().st_size,

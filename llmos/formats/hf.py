@@ -34,8 +34,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmos.errors import LlmosError
-from llmos.formats import Checkpoint, expected_shapes
+from llmos.formats.checkpoint import Checkpoint, expected_shapes
 from llmos.model import Config
+from llmos.tokenizer import Tokenizer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 DEFAULTS = {  # transformers' defaults for the keys a config.json may leave out
@@ -84,10 +85,6 @@ def to_hf(name: str) -> str:
 def read(path, weights: bool = True) -> Checkpoint:
     """weights=False: shapes and dtypes from the files' headers are checked, no tensor is loaded."""
     path = Path(path)
-    from llmos import quant
-
-    if quant.is_quantized_dir(path):  # `llmos quantize` output: a float view for show and export
-        return quant.read_dequantized(path, weights)
     if not (path / "config.json").is_file():
         raise LlmosError(f"{path}: no config.json here; pass a Hugging Face model directory")
     hf = read_json(path / "config.json")
@@ -221,8 +218,6 @@ def match_weights(tensors: dict, cfg: Config, where) -> dict[str, torch.Tensor]:
 def load_tokenizer(path: Path):
     if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
         return None  # what Tokenizer.from_hf_dir reads; a lone tokenizer.model (SentencePiece) is not
-    from llmos.tokenizer import Tokenizer
-
     return Tokenizer.from_hf_dir(path)
 
 

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from llmos.errors import LlmosError
-from llmos.formats import Checkpoint
+from llmos.formats.checkpoint import Checkpoint
 from llmos.model import Config
+from llmos.tokenizer import Tokenizer
 
 MAGIC = 0x616B3432  # "ak42"
 
@@ -138,6 +139,4 @@ def load_tokenizer(path: Path, tokenizer_path, vocab_size: int):
                          f"llama2.c tokenizer there under one of those names")
     if not tok_path.is_file():
         raise LlmosError(f"{tok_path}: not found; pass the llama2.c tokenizer .bin that came with the model")
-    from llmos.tokenizer import Tokenizer
-
     return Tokenizer.from_llama2c(tok_path, vocab_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,9 +80,7 @@ def load(verbose: bool = False):
 
 
 def _build(scalar: bool, verbose: bool):
-    import shutil
-
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # deferred: it imports setuptools, and only a build needs it
 
     flags = build_flags(scalar)
     have = sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx")))

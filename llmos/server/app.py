@@ -13,6 +13,7 @@ and uvicorn to run it.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import math
 import socket
@@ -24,7 +25,9 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import JSONResponse
 
+from llmos import loader
 from llmos.errors import LlmosError
+from llmos.offload import place
 from llmos.server.routes import UI, install_error_handlers, router
 from llmos.server.serving import APIError, ServerConfig, Serving, check_bind
 from llmos.server.store import Store
@@ -166,26 +169,23 @@ def uvicorn_server(app: FastAPI, log_level: str = "info"):
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
 
 
-def serve(models, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str = "cpu", dtype=None, gpu_layers=None, **limits) -> None:
-    """Serve `models` (names for llmos.registry.load_model, or name → (model, tokenizer, ckpt))
-    until interrupted. `limits` are ServerConfig fields: max_tokens, max_pending, ...
+def serve(models, config: ServerConfig | None = None, device: str = "cpu", gpu_layers=None) -> None:
+    """Serve `models` (names, as `llmos run` takes them, or name → (model, tokenizer, ckpt)) until interrupted.
     gpu_layers: N or "auto", the last N layers of each model on the GPU (llmos/offload.py)."""
-    check_bind(host, api_key)  # before loading anything: a refusal should be instant
-    sock = listen(host, port)
-    if not isinstance(models, dict):
-        from llmos.registry import load_model
-
-        models = {name: load_model(name, device, dtype) for name in dict.fromkeys(models or ["default"])}
+    config = config or ServerConfig()
+    check_bind(config.host, config.api_key)  # before loading anything: a refusal should be instant
+    sock = listen(config.host, config.port)
+    if not isinstance(models, dict):  # the PyTorch model for batches; ServedModel adds the fast decoder
+        runners = {name: loader.load(name, "torch", device, batch=config.max_batch, tokenizer=False)
+                   for name in dict.fromkeys(models or ["default"])}
+        models = {name: (r.model, r.tokenizer, r.checkpoint) for name, r in runners.items()}
     if gpu_layers is not None:
-        from llmos.offload import place
-
         for model, *_ in models.values():
-            place(model, gpu_layers, ctx=min(model.cfg.max_seq_len, limits.get("max_context") or model.cfg.max_seq_len),
-                  batch=limits.get("max_batch", 8))
-    config = ServerConfig(host=host, port=sock.getsockname()[1], api_key=api_key, **limits)
+            place(model, gpu_layers, ctx=min(model.cfg.max_seq_len, config.max_context or model.cfg.max_seq_len),
+                  batch=config.max_batch)
+    config = dataclasses.replace(config, port=sock.getsockname()[1])
     app = create_app(models, config)
-    shown = f"[{host}]" if ":" in host else host
+    shown = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{shown}:{config.port}"
     print(f"serving {', '.join(models)} at {url}/v1 (OpenAI API), chat page at {url}/; Ctrl-C stops", file=sys.stderr)
     uvicorn_server(app).run(sockets=[sock])

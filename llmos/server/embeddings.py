@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 NAME = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # sentence_bert_config.json's max_seq_length
@@ -34,9 +36,6 @@ class MiniLM:
     """A BERT encoder (post-norm, GELU) with mean pooling, from a sentence-transformers directory."""
 
     def __init__(self, path: str | Path | None = None):
-        from safetensors.torch import load_file
-        from tokenizers import Tokenizer
-
         path = Path(path) if path else model_dir()
         cfg = json.loads((path / "config.json").read_text())
         self.heads, self.eps, self.layers = cfg["num_attention_heads"], cfg["layer_norm_eps"], cfg["num_hidden_layers"]

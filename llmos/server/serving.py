@@ -34,37 +34,22 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from llmos.batching import Request, Scheduler, SchedulerFull
 from llmos.engine import Engine, Piece, SamplingParams, fit_messages
+from llmos import loader, registry
 from llmos.errors import LlmosError
+from llmos.server.config import ServerConfig
 from llmos.server import protocol as p
 from llmos.server.grammar import Constrained, Vocabulary, json_schema_grammar, parse_tool_calls, tool_call_schema
 from llmos.server.store import Store
+import torch
+from llmos.server.embeddings import MiniLM
 
 # ----------------------------------------------------------------------------
 # Settings and errors
-
-
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # required to bind anything but loopback; then every route checks it
-    max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413
-    max_tokens: int = 4096  # the most tokens one choice may ask for; also the default when a request gives none
-    max_choices: int = 8  # n (times the number of prompts, for completions) per request
-    max_pending: int = 8  # requests running or waiting; one more gets 503
-    max_batch: int = 8  # sequences (choices) each model decodes together
-    max_context: int | None = 4096  # cache slots per sequence, at most the model's context; None: the model's.
-    # The cache holds max_batch * max_context tokens: SmolLM2-135M in f32 takes ~46 KB a token, 8 x 4096 ~ 1.5 GB.
-    rate_limit: float = 600  # requests a minute per API key (per client address without one); 0: no limit
-    rate_burst: int = 60  # requests a client may send at once before the rate applies
-    home: str | None = None  # where llmos.db lives; None: $LLMOS_HOME, else ~/.llmos
-    # "auto" | "fast": a request with one choice runs on the C++ CPU decoder (llmos/fast.py) while it is
-    # free, the others join the batch; "torch": every request joins the batch. `llmos serve` says auto.
-    engine: str = "torch"
 
 
 def check_bind(host: str, api_key: str | None) -> None:
@@ -109,8 +94,9 @@ class ServedModel:
     engine: Engine
     tokenizer: object  # llmos.tokenizer.Tokenizer
     context: int  # the context limit in tokens: the model's, or less where the scheduler's cache is shorter
-    defaults: dict  # sampling defaults from the checkpoint's generation config
+    defaults: SamplingParams  # the model's sampling defaults (llmos.loader.generation_defaults)
     scheduler: Scheduler  # the batched decode loop every generation on this model joins
+    path: str | None = None  # the parameters file, to match other names of the same model
     _vocab: Vocabulary | None = None
 
     @property
@@ -122,22 +108,18 @@ class ServedModel:
 
     @classmethod
     def build(cls, name: str, model, tokenizer, ckpt=None, max_batch: int = 8, max_context: int | None = 4096,
-              max_waiting: int = 64, engine: str = "torch") -> "ServedModel":
+              max_waiting: int = 64, engine: str = "auto") -> "ServedModel":
         if tokenizer is None:
             raise LlmosError(f"model {name!r} has no tokenizer; serve a checkpoint that includes one")
         meta = getattr(ckpt, "meta", None) or {}
-        gen = meta.get("generation") or {}
-        defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if gen.get(k) is not None}
-        if gen.get("do_sample") is False:
-            defaults["temperature"] = 0.0
-        from llmos.registry import load_decoder
-
-        fast = load_decoder(model, ckpt, engine, next(model.parameters()).device.type)
+        defaults = loader.generation_defaults(meta)  # the model's; a request's own values override them
+        kind = loader.backend(engine, "cpu" if next(model.parameters()).device.type == "cpu" else "cuda")
+        fast = None if kind == "torch" else loader.decoder_for(model, ckpt, kind, engine)
         engine = Engine(model, tokenizer, eos_ids=meta.get("eos_token_ids"), fast=fast)
         # Never more slots than the model has positions: they would only cost memory.
         max_len = min(max_context or model.cfg.max_seq_len, model.cfg.max_seq_len)
         scheduler = Scheduler(engine, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting).start()
-        return cls(name, engine, tokenizer, scheduler.limit, defaults, scheduler)
+        return cls(name, engine, tokenizer, scheduler.limit, defaults, scheduler, path=meta.get("path"))
 
 
 @dataclass
@@ -283,6 +265,8 @@ class Serving:
             return next(iter(self.models.values())), None
         if name in self.models:
             return self.models[name], None
+        if (alias := self.alias(name)) is not None:
+            return self.models[alias], None
         assistant = self.store.find_assistant(name)
         if assistant is None:
             names = ", ".join([*self.models, *(a["name"] for a in self.store.assistants())])
@@ -292,6 +276,24 @@ class Serving:
                                 f"serve it or edit the assistant (models here: {', '.join(self.models)})", param="model", code="model_not_found")
         return self.model(assistant["model"]), assistant
 
+    def aliases(self) -> dict[str, str]:
+        """Other names of the served models, as `llmos run` accepts them: the bundled model's names for it."""
+        out = {}
+        for name in self.models:
+            if name.lower() in registry.BUNDLED_NAMES:
+                out |= {alias: name for alias in registry.BUNDLED_NAMES if alias and alias != name}
+        return out
+
+    def alias(self, name: str) -> str | None:
+        """The served model that `name` means: an alias, or any name `llmos run` resolves to the same file."""
+        if name in self.aliases():
+            return self.aliases()[name]
+        try:
+            path = registry.resolve(name)
+        except LlmosError:
+            return None
+        return next((n for n, m in self.models.items() if m.path is not None and Path(m.path) == path), None)
+
     def card(self, name: str) -> p.ModelCard:
         served, assistant = self.resolve(name)
         if assistant is None:
@@ -300,6 +302,7 @@ class Serving:
 
     def list_models(self) -> p.ModelList:
         cards = [p.ModelCard(id=m.name, max_model_len=m.context) for m in self.models.values()]
+        cards += [p.ModelCard(id=alias, parent=name, max_model_len=self.models[name].context) for alias, name in self.aliases().items()]
         for a in self.store.assistants():
             if a["name"] not in self.models:
                 try:
@@ -354,17 +357,17 @@ class Serving:
         if req.logit_bias:
             raise not_supported("logit_bias", "logit_bias")
 
-        def pick(name, fallback):
+        def pick(name):  # the request's value, else the model's default
             value = getattr(req, name)
-            return value if value is not None else served.defaults.get(name, fallback)
+            return value if value is not None else getattr(served.defaults, name)
 
         params = SamplingParams(
             max_new_tokens=max_new if max_new is not None else min(cap, room, default_max or cap),
-            temperature=pick("temperature", 1.0),  # OpenAI's defaults, unless the model's generation config says otherwise
-            top_p=pick("top_p", 1.0),
-            top_k=pick("top_k", 0),
-            min_p=pick("min_p", 0.0),
-            repetition_penalty=pick("repetition_penalty", 1.0),
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             seed=req.seed,
@@ -630,9 +633,6 @@ class Serving:
 
     def _embed(self, texts: list[str]):
         """(vectors [N, 384], tokens read) on the embeddings thread, 64 texts at a time."""
-        import torch
-
-        from llmos.server.embeddings import MiniLM
 
         if self._embedder is None:
             self._embedder = MiniLM()

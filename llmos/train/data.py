@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llmos.errors import LlmosError
-from llmos.train import atomic_write
+from llmos.files import atomic_write
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 JSONL_SUFFIXES = {".jsonl"}

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from llmos.errors import LlmosError
 from llmos.train import chat_data as C
 from llmos.train import lora as L
-from llmos.train import log, option, run_main
+from llmos.train.loop import log
+from llmos.options import option, run_main
 from llmos.train.sft import IGNORE, FinetuneConfig, Order, add_lora, check, finetune, load_base, pad_rows, split
 
 

@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters put on a built model from outside, merged back before saving.
 
-    model, tok, ckpt = registry.load_model("smollm2")
+    model = loader.load("smollm2", "torch").model
     adapters = apply_lora(model, targets="wq,wk,wv,wo,w1,w2,w3", rank=8, alpha=16)
     ...train: only the adapters' A and B have requires_grad...
     merge_lora(model)       # plain nn.Linear again, weight = W + (B @ A) * alpha / rank

