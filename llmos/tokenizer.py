@@ -1,6 +1,7 @@
 """Text <-> token ids for every format llmos reads, and chat templates.
 
-Whatever the source -- a Hugging Face directory (tokenizer.json), GGUF metadata or a llama2.c tokenizer.bin --
+Whatever the source -- a Hugging Face directory (tokenizer.json, or a SentencePiece tokenizer.model), GGUF metadata
+or a llama2.c tokenizer.bin --
 the result is one `Tokenizer` wrapping a Hugging Face `tokenizers.Tokenizer`, so encoding is fast Rust code and
 `save_hf` / `to_gguf_fields` can write it back out for transformers, vLLM and llama.cpp.
 
@@ -10,8 +11,10 @@ the result is one `Tokenizer` wrapping a Hugging Face `tokenizers.Tokenizer`, so
 
 Two families cover the Llama world, and both follow llama.cpp's behaviour (its test vectors are in the tests):
 - byte-level BPE ("gpt2" in GGUF): regex pre-split, then GPT-2's byte alphabet and the file's merges.
-- SentencePiece BPE ("llama" in GGUF, llama2.c): merge the pair whose result scores best. That is exactly a
-  BPE whose merges are every (left, right) split of a token, ranked by the token's score, with byte fallback.
+- SentencePiece BPE ("llama" in GGUF, llama2.c, tokenizer.model): merge the pair whose result scores best. That is
+  exactly a BPE whose merges are every (left, right) split of a token, ranked by the token's score, with byte
+  fallback. A tokenizer.model is read into the GGUF fields llama.cpp's convert_hf_to_gguf.py writes for it, and
+  those go through the same reader as a GGUF file's.
 
 Chat templates render with Jinja2 the way transformers' apply_chat_template does; a model without a template
 gets ChatML (CHATML_TEMPLATE).
@@ -148,6 +151,109 @@ def _ids(value) -> list[int]:
     return [value] if isinstance(value, int) else [int(v) for v in value or []]
 
 
+# ----------------------------------------------------------------------------- SentencePiece tokenizer.model files
+
+SPM_MODEL_TYPES = {1: "unigram", 2: "BPE", 3: "word", 4: "char"}  # sentencepiece_model.proto TrainerSpec.ModelType
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte, i = data[i], i + 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, i
+
+
+def _protobuf(data: bytes):
+    """The (field number, value) pairs of one protobuf message: varints as int, fixed-size and length-delimited
+    fields as bytes. Enough of the wire format to read a tokenizer.model without the sentencepiece package."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+        elif wire in (1, 2, 5):
+            size, i = (8, i) if wire == 1 else (4, i) if wire == 5 else _varint(data, i)
+            value, i = data[i:i + size], i + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if i > len(data):
+            raise ValueError("truncated message")
+        yield key >> 3, value
+
+
+def _int32(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value  # negative int32s are 10-byte varints
+
+
+def sentencepiece_fields(path) -> dict:
+    """The tokenizer.ggml.* fields llama.cpp's convert_hf_to_gguf.py writes for a SentencePiece tokenizer.model
+    (_set_vocab_sentencepiece, as for Llama 2): model "llama", pre "default", every piece with its score and type
+    (byte pieces BYTE, <s> and </s> CONTROL, <unk> UNKNOWN), the trainer's unk/bos/eos/pad ids and BOS added; plus
+    add_space_prefix, the normalizer's dummy prefix (llama.cpp's default when the key is absent, as there).
+    sentencepiece_model.proto: ModelProto {pieces = 1 {piece = 1, score = 2, type = 3}, trainer_spec = 2,
+    normalizer_spec = 3}."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise LlmosError(f"{p}: cannot read tokenizer ({e.strerror}); download the model's tokenizer.model again") from None
+    tokens, scores, types, trainer, normalizer = [], [], [], {}, {}
+    try:
+        for field, value in _protobuf(data):
+            if field == 1:
+                piece = dict(_protobuf(value))
+                tokens.append(piece.get(1, b"").decode("utf-8"))
+                scores.append(struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0)
+                types.append(int(piece.get(3, NORMAL)))
+            elif field == 2:
+                trainer = dict(_protobuf(value))
+            elif field == 3:
+                normalizer = dict(_protobuf(value))
+        kind, ids = trainer.get(3, 1), {}  # proto defaults: unigram; unk 0, bos 1, eos 2, no pad
+        for key, field, default in (("unknown", 40, 0), ("bos", 41, 1), ("eos", 42, 2), ("padding", 43, -1)):
+            if 0 <= (id := _int32(trainer.get(field, default))) < len(tokens):
+                ids[f"tokenizer.ggml.{key}_token_id"] = id
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError, struct.error) as e:
+        raise LlmosError(f"{p}: not a SentencePiece model ({e}); download the model's tokenizer.model again") from None
+    if not tokens or not all(NORMAL <= t <= BYTE for t in types):
+        raise LlmosError(f"{p}: not a SentencePiece model (no pieces, or pieces of unknown types); "
+                         "download the model's tokenizer.model again")
+    if kind != 2:
+        raise LlmosError(f"{p}: a SentencePiece {SPM_MODEL_TYPES.get(kind, kind)} model; llmos reads SentencePiece "
+                         "BPE models (Llama, Mistral), so put the model's tokenizer.json beside it instead")
+    rules = [what for what, on in [("its normalization rules", normalizer.get(2)),
+                                   ("extra-whitespace removal", normalizer.get(4, 1))] if on]
+    if rules:  # Llama's models have neither; llama.cpp ignores both
+        log.warning("%s: %s not applied, as in llama.cpp; ids can differ from sentencepiece's", p, " and ".join(rules))
+    fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+              "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+              "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+              "tokenizer.ggml.add_space_prefix": bool(normalizer.get(3, 1))}
+    return fields | ids
+
+
+def _added_beyond(fields: dict, config: dict, d: Path) -> dict:
+    """The tokens a Hugging Face directory adds after its tokenizer.model's pieces (tokenizer_config.json's
+    added_tokens_decoder, added_tokens.json), appended as convert_hf_to_gguf.py writes them: CONTROL when special,
+    else USER_DEFINED, score -1000. The model's own pieces (<s>, ...) keep their type."""
+    tokens, scores, types = (list(fields[f"tokenizer.ggml.{k}"]) for k in ("tokens", "scores", "token_type"))
+    added = {int(i): (_token_text(t), isinstance(t, dict) and bool(t.get("special")))
+             for i, t in (config.get("added_tokens_decoder") or {}).items()}
+    for text, i in _read_json(d / "added_tokens.json").items():
+        added.setdefault(int(i), (text, False))
+    for i in sorted(i for i in added if i >= len(tokens)):
+        while len(tokens) < i:  # a gap: llama.cpp's converter pads with unused [PADn] tokens
+            tokens.append(f"[PAD{len(tokens)}]"), scores.append(-10000.0), types.append(UNUSED)
+        tokens.append(added[i][0]), scores.append(-1000.0), types.append(CONTROL if added[i][1] else USER_DEFINED)
+    return fields | {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
+
+
 # ----------------------------------------------------------------------------- the tokenizer
 
 class Tokenizer:
@@ -220,12 +326,19 @@ class Tokenizer:
     # --- readers
     @classmethod
     def from_hf_dir(cls, path) -> "Tokenizer":
+        """tokenizer.json; else a SentencePiece tokenizer.model (Llama 2, Mistral repositories); else GPT-2's
+        vocab.json + merges.txt. tokenizer_config.json and generation_config.json name the special tokens."""
         d = Path(path)
         if not d.is_dir():
             raise LlmosError(f"{d}: not a directory; pass a Hugging Face model directory with tokenizer.json")
+        config = _read_json(d / "tokenizer_config.json")
+        spm = None
         try:
             if (d / "tokenizer.json").is_file():
                 hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            elif (d / "tokenizer.model").is_file():  # read as a GGUF vocabulary, by the same code
+                spm = cls.from_gguf_fields(_added_beyond(sentencepiece_fields(d / "tokenizer.model"), config, d))
+                hf = spm.hf
             elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
                 vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
                 merges = [m for m in (d / "merges.txt").read_text(encoding="utf-8").splitlines()
@@ -233,16 +346,20 @@ class Tokenizer:
                 tokens = sorted(vocab, key=vocab.get)
                 hf = _byte_level_bpe(tokens, merges, "gpt-2")
             else:
-                raise LlmosError(f"{d}: no tokenizer.json (or vocab.json + merges.txt); "
+                raise LlmosError(f"{d}: no tokenizer.json (or tokenizer.model, or vocab.json + merges.txt); "
                                  "copy the tokenizer files from the model's repository")
         except LlmosError:
             raise
         except Exception as e:
             raise LlmosError(f"{d / 'tokenizer.json'}: cannot load tokenizer ({e}); re-download it") from None
-        config = _read_json(d / "tokenizer_config.json")
         generation = _read_json(d / "generation_config.json")
         ids = {k: hf.token_to_id(_token_text(config.get(f"{k}_token")) or "") for k in ("bos", "eos", "pad", "unk")}
         bos_id = ids["bos"] if ids["bos"] is not None else generation.get("bos_token_id")
+        eos_ids = [ids["eos"], *_ids(generation.get("eos_token_id"))]
+        if spm is not None:  # what the configs leave out, the tokenizer.model's trainer spec says
+            bos_id = spm.bos_id if bos_id is None else bos_id
+            eos_ids = eos_ids if any(i is not None for i in eos_ids) else spm.eos_ids
+            ids |= {k: getattr(spm, f"{k}_id") for k in ("pad", "unk") if ids[k] is None}
         if (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text(encoding="utf-8")
         else:
@@ -251,11 +368,13 @@ class Tokenizer:
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default", next(iter(named.values()), None))
         add_bos = config.get("add_bos_token")
-        if add_bos is None:  # no flag: does the tokenizer.json post-processor put BOS first?
+        if add_bos is None and spm is not None:  # transformers' LlamaTokenizer and llama.cpp add BOS by default
+            add_bos = spm.add_bos
+        elif add_bos is None:  # no flag: does the tokenizer.json post-processor put BOS first?
             first, plain = hf.encode("a").ids[:1], hf.encode("a", add_special_tokens=False).ids[:1]
             add_bos = bos_id is not None and first == [bos_id] and plain != first
-        return cls(hf, bos_id=bos_id, eos_ids=[ids["eos"], *_ids(generation.get("eos_token_id"))],
-                   pad_id=ids["pad"], unk_id=ids["unk"], add_bos=add_bos, chat_template=template)
+        return cls(hf, bos_id=bos_id, eos_ids=eos_ids, pad_id=ids["pad"], unk_id=ids["unk"], add_bos=add_bos,
+                   chat_template=template, vocab_size=spm and spm.vocab_size, scores=spm and spm._scores)
 
     @classmethod
     def from_gguf_fields(cls, fields: dict) -> "Tokenizer":
@@ -287,6 +406,11 @@ class Tokenizer:
         return cls(hf, bos_id=ids["bos"], eos_ids=[ids["eos"], ids["eot"], ids["eom"]], pad_id=ids["padding"],
                    unk_id=ids["unknown"], add_bos=add_bos, chat_template=fields.get("tokenizer.chat_template"),
                    vocab_size=len(tokens), scores=scores)
+
+    @classmethod
+    def from_sentencepiece(cls, path) -> "Tokenizer":
+        """A SentencePiece BPE tokenizer.model alone, read as the GGUF vocabulary llama.cpp's converter makes of it."""
+        return cls.from_gguf_fields(sentencepiece_fields(path))
 
     @classmethod
     def from_llama2c(cls, path, vocab_size=None) -> "Tokenizer":

@@ -388,6 +388,63 @@ def test_default_export_dtype():
 
 
 # ----------------------------------------------------------------------------
+# A Llama 2-style repository: the tokenizer is a SentencePiece tokenizer.model alone.
+
+
+def sentencepiece_repo(path: Path, source: str) -> Path:
+    """config.json + model.safetensors + tokenizer.model: a SentencePiece BPE trained here, or Llama 2's own."""
+    from test_tokenizer import LLAMA2_MODEL, train_sentencepiece
+
+    spm = pytest.importorskip("sentencepiece")
+    if source == "llama2" and not LLAMA2_MODEL.is_file():
+        pytest.skip("needs ../shared/data")
+    vocab = 32000 if source == "llama2" else 330
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=vocab, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
+                 tie_embeddings=True)
+    hf.write(Checkpoint(cfg, Transformer(cfg).state_dict(), None, {"eos_token_ids": [2]}), path, "f32")
+    if source == "llama2":
+        (path / "tokenizer.model").write_bytes(LLAMA2_MODEL.read_bytes())
+    else:
+        train_sentencepiece(path)
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    assert sp.get_piece_size() == vocab and sorted(p.name for p in path.iterdir() if "tokenizer" in p.name) == ["tokenizer.model"]
+    return sp
+
+
+@pytest.mark.parametrize("source", ["trained", "llama2"])
+def test_sentencepiece_repository_runs_and_exports_to_gguf(capsys, tmp_path, source):
+    from test_tokenizer import TRICKY
+
+    sp = sentencepiece_repo(tmp_path / "repo", source)
+    repo, n = tmp_path / "repo", sp.get_piece_size()
+    text = "Hello  world\n 12345 café 🦙"
+    code, out, err = run_cli(capsys, "tokenize", repo, text, "--json")
+    assert code == 0 and json.loads(out)["ids"] == sp.encode(text, add_bos=True), err
+    code, out, err = run_cli(capsys, "run", repo, "hello", "--max-tokens", "3", "--temperature", "0")
+    assert code == 0, err
+
+    code, out, err = run_cli(capsys, "export", repo, tmp_path / "m.gguf", "--to", "gguf")
+    assert code == 0 and out.startswith("wrote "), err
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items() if k.startswith("tokenizer.")}
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.pre"] == "default"
+    assert fields["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+    assert fields["tokenizer.ggml.scores"] == [sp.get_score(i) for i in range(n)]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else
+             4 if sp.id_to_piece(i) == "<|im_start|>" else 1 for i in range(n)]  # the user-defined piece of the trained one
+    assert fields["tokenizer.ggml.token_type"] == types and types.count(6) == 256
+    ids = {k: fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    assert ids == {"bos": sp.bos_id(), "eos": sp.eos_id(), "unknown": sp.unk_id(), "padding": None}
+    assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
+    # llmos reads the GGUF's tokenizer back and encodes as sentencepiece does
+    tok = read_checkpoint(tmp_path / "m.gguf", weights=False).tokenizer
+    for t in TRICKY:
+        assert tok.encode(t) == sp.encode(t, add_bos=True), t
+    code, out, _ = run_cli(capsys, "tokenize", tmp_path / "m.gguf", text, "--json")
+    assert code == 0 and json.loads(out)["ids"] == sp.encode(text, add_bos=True)
+
+
+# ----------------------------------------------------------------------------
 # registry: names → paths, the Hugging Face cache, list, pull, load_model
 
 

@@ -89,6 +89,17 @@ def test_read_matches_transformers(saved):
     assert_same_logits(llmos_model(ckpt), hf_logits(model, TOKENS), TOKENS)
 
 
+def test_read_takes_a_lone_tokenizer_model(tmp_path):
+    """Llama 2-style repositories ship a SentencePiece tokenizer.model and no tokenizer.json: read() uses it."""
+    from test_tokenizer import train_sentencepiece
+
+    spm = pytest.importorskip("sentencepiece")
+    make_hf(**CASES["llama-untied"]).save_pretrained(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(train_sentencepiece(tmp_path)))
+    tok = hf.read(tmp_path, weights=False).tokenizer
+    assert tok is not None and tok.kind == "spm" and tok.encode("Hello  world") == sp.encode("Hello  world", add_bos=True)
+
+
 def test_llama3_rope_survives_the_round_trip(tmp_path):
     model = make_hf(**CASES["llama-gqa-tied-llama3"])
     model.save_pretrained(tmp_path / "src")

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from llmos.errors import LlmosError
-from llmos.tokenizer import Tokenizer
+from llmos.tokenizer import Tokenizer, sentencepiece_fields
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCABS = DATA / "tokenizers" / "ggml-vocab"
@@ -269,6 +269,101 @@ def test_llama2c_export_of_llama2_matches_sentencepiece(tmp_path):
     assert Tokenizer.from_hf_dir(tmp_path / "hf").to_gguf_fields()["tokenizer.ggml.add_space_prefix"] is True
 
 
+# ----------------------------------------------------------------------------- SentencePiece tokenizer.model
+
+# What trips SentencePiece ports: the dummy prefix, runs of spaces, newlines and tabs, pieces missing from the vocabulary
+# (byte fallback), digits, a literal "▁", and the empty string.
+TRICKY = ["Hello world", " leading space", "  two leading", "multiple   spaces  inside", "trailing  ", "new\nline",
+          "\n\nstarts with newlines", "ends with newline\n", "tab\tand\r\nCRLF", "café, naïve, Ελληνικά, русский",
+          "中文 and 日本語", "emoji 🦙🚀", "digits 1234567890 3.14159 2024-12-06", "control \x01\x7f and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+          "", " ", "   ", "▁ a literal meta symbol", "The lazy dog jumps over the quick brown fox."]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello   llamas!", "Numbers 12 345 6789 and 3.14",
+          "Café naïve résumé", "  indented line\n  next line", "tabs\tand\nnewlines\n\n"] * 30
+
+
+def train_sentencepiece(out: Path, **options) -> Path:
+    """A SentencePiece BPE model trained here with Llama 2's settings (byte fallback, identity normalization,
+    whitespace kept, digits split), saved as a Hugging Face repository ships it: tokenizer.model alone."""
+    spm = pytest.importorskip("sentencepiece")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(model_type="bpe", vocab_size=330, byte_fallback=True, character_coverage=1.0,
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+                    allow_whitespace_only_pieces=True, user_defined_symbols=["<|im_start|>"], minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(out / "tokenizer"),
+                                   **settings | options)
+    (out / "tokenizer.vocab").unlink()
+    return out / "tokenizer.model"
+
+
+def test_trained_sentencepiece_model_matches_sentencepiece(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    model = train_sentencepiece(tmp_path / "repo")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    tok = Tokenizer.from_hf_dir(tmp_path / "repo")
+    assert (tok.bos_id, tok.eos_ids, tok.unk_id, tok.add_bos, tok.kind) == (1, [2], 0, True, "spm")
+    assert tok.vocab_size == sp.get_piece_size() == 330
+    for text in TRICKY + CORPUS[:6]:
+        ids = sp.encode(text, add_bos=True)
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids[1:]) == sp.decode(ids[1:]), text
+        assert tok.decode(ids[1:]) == text or "▁" in text  # a literal ▁ comes back as a space, in both
+        assert tok.count(text) == len(ids) - 1
+    assert tok.decode(sp.encode("emoji 🦙")[:-1]).endswith("\ufffd")  # 🦙 is 4 byte pieces: a cut one is held back
+    # A user-defined piece is one id. After it, llama.cpp (and transformers) start the next text fragment with the
+    # dummy prefix again; sentencepiece, which sees one string, puts that "▁" before the piece instead.
+    assert tok.encode("<|im_start|>user hi") == [1, 3] + sp.encode("user hi")
+    # As GGUF fields: the pieces, scores and types as sentencepiece reports them
+    fields = tok.to_gguf_fields()
+    n = sp.get_piece_size()
+    assert fields["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+    assert fields["tokenizer.ggml.scores"] == [sp.get_score(i) for i in range(n)]
+    kind = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+            4 if sp.id_to_piece(i) == "<|im_start|>" else 1 for i in range(n)]
+    assert fields["tokenizer.ggml.token_type"] == kind and kind.count(6) == 256
+    assert Tokenizer.from_sentencepiece(model).to_gguf_fields() == fields == sentencepiece_fields(model)
+
+
+def test_sentencepiece_model_with_hugging_face_configs(tmp_path):
+    model = train_sentencepiece(tmp_path)
+    # tokenizer_config.json names the special tokens and adds one after the model's pieces, as chat fine-tunes do
+    config = {"bos_token": "<s>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHATML,
+              "added_tokens_decoder": {"1": {"content": "<s>", "special": True},
+                                       "330": {"content": "<|im_end|>", "special": True}}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.vocab_size) == (1, [330], False, 331)
+    assert tok.encode("hello<|im_end|>")[-1] == 330 and tok.encode("hello")[0] != 1
+    fields = tok.to_gguf_fields()
+    assert fields["tokenizer.ggml.token_type"][330] == 3 and fields["tokenizer.ggml.scores"][330] == -1000.0
+    assert fields["tokenizer.ggml.eos_token_id"] == 330 and fields["tokenizer.chat_template"] == CHATML
+    # a SentencePiece unigram model (T5's kind) is not a BPE vocabulary: refused, not misread
+    (tmp_path / "tokenizer_config.json").unlink()
+    train_sentencepiece(tmp_path, model_type="unigram", byte_fallback=False, vocab_size=60)
+    with pytest.raises(LlmosError, match="SentencePiece unigram model; llmos reads SentencePiece BPE"):
+        Tokenizer.from_hf_dir(tmp_path)
+
+
+@needs_data
+def test_llama2_tokenizer_model_matches_sentencepiece_and_llama_cpp(tmp_path):
+    """Llama 2's tokenizer.model, alone in a directory as in Meta's repositories: the ids of sentencepiece itself and
+    llama.cpp's test vectors, and the GGUF fields of llama.cpp's own conversion of it (ggml-vocab-llama-spm.gguf)."""
+    (tmp_path / "tokenizer.model").write_bytes(LLAMA2_MODEL.read_bytes())
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    assert (tok.bos_id, tok.eos_ids, tok.unk_id, tok.pad_id, tok.add_bos, tok.vocab_size) == (1, [2], 0, None, True, 32000)
+    cases = ggml_vocab_cases("llama-spm")
+    assert [tok.encode(text, add_bos=False) for text, _ in cases] == [want for _, want in cases]
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_MODEL))
+    for text in TRICKY + SAMPLES + [text for text, _ in cases]:
+        ids = sp.encode(text, add_bos=True)
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids[1:]) == sp.decode(ids[1:]), text
+    converted = {k: v for k, v in read_gguf_metadata(VOCABS / "ggml-vocab-llama-spm.gguf").items()
+                 if k.startswith("tokenizer.")}
+    assert sentencepiece_fields(LLAMA2_MODEL) | converted == sentencepiece_fields(LLAMA2_MODEL)
+    assert tok.to_gguf_fields() == sentencepiece_fields(LLAMA2_MODEL)
+
+
 # ----------------------------------------------------------------------------- Hugging Face directories, chat templates
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -389,6 +484,13 @@ def test_bad_input(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(LlmosError, match="cannot load tokenizer"):
         Tokenizer.from_hf_dir(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    for data in [b"\x0a\xff\xff", b"{not protobuf}", b"\x0a\x05\x0a\x03\xff\xfe>", b""]:  # cut, text, not UTF-8, empty
+        (tmp_path / "tokenizer.model").write_bytes(data)
+        with pytest.raises(LlmosError, match="tokenizer.model: not a SentencePiece model .*download") as e:
+            Tokenizer.from_hf_dir(tmp_path)
+        assert "\n" not in str(e.value)
+    (tmp_path / "tokenizer.model").unlink()
     with pytest.raises(LlmosError, match="'bert' is not supported"):
         Tokenizer.from_gguf_fields({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(LlmosError, match="'klingon' is not supported"):

@@ -13,7 +13,8 @@ shards with an index, or pytorch_model.bin) and writes directories transformers 
     tokenizer.json, ...     when the checkpoint has a tokenizer (Tokenizer.save_hf)
 
 Decisions:
-- A directory without tokenizer files reads with tokenizer None; whoever needs one says so.
+- The tokenizer: tokenizer.json, else a SentencePiece tokenizer.model, else vocab.json + merges.txt. A directory
+  without any reads with tokenizer None; whoever needs one says so.
 - llmos has no sliding-window attention, so a model whose window is shorter than its
   context (Mistral 7B v0.1) gets max_seq_len = the window: exact inside it, refused beyond.
 - write() builds `OUT.tmp-<pid>` and renames it to OUT, replacing OUT only when it is empty
@@ -216,8 +217,11 @@ def match_weights(tensors: dict, cfg: Config, where) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(path: Path):
-    if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
-        return None  # what Tokenizer.from_hf_dir reads; a lone tokenizer.model (SentencePiece) is not
+    """tokenizer.json, a SentencePiece tokenizer.model (Llama 2-style repositories ship only that) or
+    vocab.json + merges.txt, as Tokenizer.from_hf_dir reads them; None when the directory has none."""
+    names = ("tokenizer.json", "tokenizer.model")
+    if not (any((path / n).is_file() for n in names) or (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        return None
     return Tokenizer.from_hf_dir(path)
 
 
