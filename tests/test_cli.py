@@ -388,7 +388,7 @@ def test_default_export_dtype():
 
 
 # ----------------------------------------------------------------------------
-# A Llama 2-style repository: the tokenizer is a SentencePiece tokenizer.model alone.
+# A Llama 2-style repository: the tokenizer is a SentencePiece tokenizer.model alone. A model with no tokenizer.
 
 
 def sentencepiece_repo(path: Path, source: str) -> Path:
@@ -442,6 +442,24 @@ def test_sentencepiece_repository_runs_and_exports_to_gguf(capsys, tmp_path, sou
         assert tok.encode(t) == sp.encode(t, add_bos=True), t
     code, out, _ = run_cli(capsys, "tokenize", tmp_path / "m.gguf", text, "--json")
     assert code == 0 and json.loads(out)["ids"] == sp.encode(text, add_bos=True)
+
+
+def test_export_to_gguf_needs_a_tokenizer(capsys, tmp_path):
+    """llama.cpp refuses a GGUF without tokenizer.ggml.model: export says so, unless --no-tokenizer is given."""
+    cfg = Config(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+    hf.write(Checkpoint(cfg, Transformer(cfg).state_dict(), None, {}), tmp_path / "bare", "f32")
+    code, out, err = run_cli(capsys, "export", tmp_path / "bare", tmp_path / "m.gguf", "--to", "gguf")
+    line = one_error_line(err, progress=True)
+    assert code == 2 and out == "" and not (tmp_path / "m.gguf").exists()
+    assert "has no tokenizer" in line and "tokenizer.model" in line and "--no-tokenizer" in line
+    assert run_cli(capsys, "export", tmp_path / "bare", tmp_path / "hf", "--to", "hf")[0] == 0  # transformers needs none
+
+    code, out, err = run_cli(capsys, "export", tmp_path / "bare", tmp_path / "m.gguf", "--to", "gguf", "--no-tokenizer")
+    assert code == 0 and out.startswith("wrote "), err
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "none"  # llama.cpp's model without a vocabulary
+    assert not [k for k in fields if k.startswith("tokenizer.") and k != "tokenizer.ggml.model"]
+    assert read_checkpoint(tmp_path / "m.gguf", weights=False).tokenizer is None
 
 
 # ----------------------------------------------------------------------------

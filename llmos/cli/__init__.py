@@ -5,7 +5,7 @@
     llmos list                      the models you have
     llmos show MODEL                architecture, size, context, chat template, license
     llmos tokenize MODEL [TEXT]     token ids, pieces and counts
-    llmos export MODEL --to hf|gguf OUT [--dtype f32|f16|bf16|q8_0]
+    llmos export MODEL --to hf|gguf OUT [--dtype f32|f16|bf16|q8_0] [--no-tokenizer]
 
 MODEL comes before PROMPT, as in Ollama: `llmos run "hello"` names a model called "hello";
 `llmos run default "hello"` asks the default model. Model names are explained in llmos/registry.py,
@@ -178,6 +178,10 @@ def source_float(tensor_types: dict) -> str:
 def cmd_export(args) -> int:
     check_write(args.out, args.to, args.dtype)  # before the model is read: that takes seconds
     ckpt = read_meta(args.model, weights=True)
+    if args.to == "gguf" and ckpt.tokenizer is None and not args.no_tokenizer:
+        raise LlmosError(f"{ckpt.meta.get('path', args.model)}: the model has no tokenizer, and llama.cpp cannot run a GGUF "
+                         "file without one; put its tokenizer.json or tokenizer.model beside it, or pass --no-tokenizer "
+                         "to write the weights alone")
     dtype = args.dtype or source_float(ckpt.meta.get("tensor_types", {}))
     out = Path(args.out)
     with status(f"writing {out} ({args.to}, {dtype})", after=0.0):
@@ -259,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("out", metavar="OUT")
     s.add_argument("--to", required=True, choices=["hf", "gguf"])
     s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="default: the source's float type; f32 for quantized sources")
+    s.add_argument("--no-tokenizer", action="store_true",
+                   help="allow a GGUF without a tokenizer (tokenizer.ggml.model \"none\"): llama.cpp loads it but cannot run text through it")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve models over the OpenAI API at http://127.0.0.1:8000/v1")

@@ -18,7 +18,10 @@ per-frequency divisors as a `rope_freqs.weight` tensor. We fit the HF
 `rope_scaling` dict back from it and check that it reproduces the tensor, else stop.
 
 We write arch "llama", or "qwen2" when the model has q/k/v biases (llama.cpp and
-transformers expect those there). 1-D tensors stay F32, as llama.cpp does.
+transformers expect those there). 1-D tensors stay F32, as llama.cpp does. The
+tokenizer goes in as Tokenizer.to_gguf_fields writes it (a SentencePiece vocabulary
+as convert_hf_to_gguf.py writes Llama 2's); a model without one gets
+tokenizer.ggml.model "none", llama.cpp's marker for a vocabulary-less model.
 """
 
 from __future__ import annotations
@@ -374,12 +377,15 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, qtype) -> None:
         w.add_rope_scaling_factor(s["factor"])
     elif kind not in (None, "default", "llama3"):  # llama3 travels as the rope_freqs tensor
         raise LlmosError(f"rope scaling {kind!r} cannot be written to GGUF; llmos writes linear and llama3")
-    if ckpt.tokenizer is not None:  # the model's own end ids too, so llama.cpp and llmos stop where it does
-        fields = ckpt.tokenizer.to_gguf_fields(eos_ids=ckpt.meta.get("eos_token_ids") or ())
-        if getattr(ckpt.tokenizer, "chat_template", None):
-            fields.setdefault("tokenizer.chat_template", ckpt.tokenizer.chat_template)
-        for key, value in fields.items():
-            add_field(w, key, value)
+    if ckpt.tokenizer is None:  # llama.cpp refuses a file without tokenizer.ggml.model; "none" is its no-vocabulary
+        w.add_tokenizer_model("none")  # model (LLAMA_VOCAB_TYPE_NONE). `llmos export` asks for --no-tokenizer first.
+        return
+    # the model's own end ids too, so llama.cpp and llmos stop where it does
+    fields = ckpt.tokenizer.to_gguf_fields(eos_ids=ckpt.meta.get("eos_token_ids") or ())
+    if getattr(ckpt.tokenizer, "chat_template", None):
+        fields.setdefault("tokenizer.chat_template", ckpt.tokenizer.chat_template)
+    for key, value in fields.items():
+        add_field(w, key, value)
 
 
 def add_field(w: gguf.GGUFWriter, key: str, value) -> None:
