@@ -322,7 +322,9 @@ def bench(model: str | None = None, shape: str | None = None, precisions=DEFAULT
         out = subprocess.run([sys.executable, "-m", "llmos.bench", json.dumps(spec)], capture_output=True, text=True)
         if out.returncode:
             last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-            raise LlmosError(f"bench of {p} failed: {last}")
+            if out.returncode == 2 and last.startswith("error: "):  # main() below: the child's one-line LlmosError
+                raise LlmosError(f"bench of {p} failed: {last.removeprefix('error: ')}")
+            raise RuntimeError(f"bench of {p} crashed (exit code {out.returncode}): {last}")  # a bug, not a user error
         records.append(json.loads(out.stdout.strip().splitlines()[-1]))
         log(row(records[-1]))
     return records

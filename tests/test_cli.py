@@ -462,6 +462,28 @@ def test_export_to_gguf_needs_a_tokenizer(capsys, tmp_path):
     assert read_checkpoint(tmp_path / "m.gguf", weights=False).tokenizer is None
 
 
+def test_bench_of_a_gguf_without_tokenizer(capsys, tmp_path, monkeypatch):
+    """Timings need no tokenizer: a Q8_0 GGUF without one is benchmarked (it failed with a TypeError dressed as an
+    error line), and a crash of the benchmark's child process reads as an internal error, not a user's mistake."""
+    from llmos.formats import gguf as G
+
+    cfg = Config(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
+    G.write(Checkpoint(cfg, Transformer(cfg).state_dict(), None, {}), tmp_path / "m.gguf", "q8_0")
+    argv = ["bench", tmp_path / "m.gguf", "--precisions", "int8", "--prefill", "8", "--decode", "4", "--reps", "1"]
+    code, out, err = run_cli(capsys, *argv, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    [record] = json.loads((tmp_path / "r.json").read_text())
+    assert record["precision"] == "int8" and record["decode_tok_s"] > 0 and record["params"] == cfg.num_params()
+    from llmos import kernels
+
+    assert record["engine"] == ("fast" if kernels.load() is not None else "torch")  # fast: the Q8_0 blocks as stored
+
+    crashed = subprocess.CompletedProcess([], 1, "", "Traceback (most recent call last):\nTypeError: boom\n")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: crashed)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "error: internal error: RuntimeError: bench of int8 crashed (exit code 1): TypeError: boom" in err
+
+
 # ----------------------------------------------------------------------------
 # registry: names → paths, the Hugging Face cache, list, pull, load_model
 
