@@ -20,9 +20,7 @@ model wrote them), after the system prompt the conversation used.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from llmos.errors import LlmosError
@@ -41,38 +39,15 @@ def export(store: Store, sft: str | None = None, dpo: str | None = None) -> dict
     return counts
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmos data", description="Training files from the chat page's feedback.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    e = sub.add_parser("export", help="write corrections and votes as SFT and DPO JSONL files")
-    e.add_argument("--sft", metavar="OUT.jsonl", help="corrections and thumbs-up replies, OpenAI `messages` rows")
-    e.add_argument("--dpo", metavar="OUT.jsonl", help="thumbs-down replies with a correction, ShareGPT chosen/rejected rows")
-    e.add_argument("--home", metavar="DIR", help="the llmos folder holding llmos.db (default: $LLMOS_HOME, else ~/.llmos)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """argv: the words after `llmos data`. Raises LlmosError for the CLI to print."""
-    args = parser().parse_args(argv)
-    if not (args.sft or args.dpo):
+def export_from(folder: str | None, sft: str | None, dpo: str | None) -> dict[str, int]:
+    """export() from the llmos.db under `folder` (default: $LLMOS_HOME, else ~/.llmos)."""
+    if not (sft or dpo):
         raise LlmosError("nothing to export; pass --sft OUT.jsonl, --dpo OUT.jsonl or both")
-    db = Path(args.home or home()) / "llmos.db"
+    db = Path(folder or home()) / "llmos.db"
     if not db.exists():
         raise LlmosError(f"{db}: no llmos database yet; chat in `llmos serve`'s page first, or pass --home DIR")
     store = Store(db)
     try:
-        counts = export(store, args.sft, args.dpo)
+        return export(store, sft, dpo)
     finally:
         store.close()
-    for kind, path in (("sft", args.sft), ("dpo", args.dpo)):
-        if path:
-            print(f"wrote {path} ({counts[kind]} {kind.upper()} row{'s' * (counts[kind] != 1)})")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LlmosError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

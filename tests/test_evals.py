@@ -20,6 +20,7 @@ from llmos.formats import Checkpoint, hf
 from llmos.model import Config, Transformer
 from llmos.tokenizer import Tokenizer
 from llmos.train.tokenizer_train import save, train_bpe
+from llmos import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -212,15 +213,14 @@ def test_eval_command(tiny, tmp_path, capsys):
     _, _, model_dir = tiny
     (tmp_path / "t.txt").write_text(TEXT)
     out = tmp_path / "r.json"
-    assert E.main([str(model_dir), "--task", "ppl", "--data", str(tmp_path / "t.txt"), "--out", str(out),
+    assert cli.main(["eval", str(model_dir), "--task", "ppl", "--data", str(tmp_path / "t.txt"), "--out", str(out),
                    "--no-progress"]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["task"] == "ppl" and f"bits_per_byte   {report['bits_per_byte']:.4f}" in printed
-    assert E.main([str(model_dir), "--task", "mmlu", "--data", "x"]) == 2
+    assert cli.main(["eval", str(model_dir), "--task", "mmlu", "--data", "x"]) == 2
     assert "unknown task 'mmlu'" in capsys.readouterr().err
-    from llmos import cli  # flags may come before the model, through the llmos command too
-
+    # flags may come before the model too
     assert cli.main(["eval", "--task", "ppl", "--model", str(model_dir), "--data", str(tmp_path / "t.txt"), "--no-progress"]) == 0
     assert f"bits_per_byte   {report['bits_per_byte']:.4f}" in capsys.readouterr().out
     with pytest.raises(LlmosError, match="task arc needs --data FILE"):

@@ -20,11 +20,11 @@ import httpx
 import openai
 import pytest
 
-from llmos import data_export
 from llmos.engine import Engine, SamplingParams
 from llmos.server import app as app_module
 from llmos.server.app import create_app
 from llmos.server.serving import SAVE_EVERY, ServerConfig
+from llmos.cli import main
 # The tiny model and tokenizer of the OpenAI-API tests (fixtures: tok_dir, tok, hf_tok).
 from test_server import CONTEXT, Running, SlowTransformer, hf_tok, tiny_model, tok, tok_dir  # noqa: F401
 
@@ -174,7 +174,7 @@ def test_feedback_correction_and_export(http, home, tmp_path):
     error_of(http.post(f"/api/messages/{reply['id']}/feedback", json={"vote": "sideways"}), 400)
     error_of(http.post("/api/messages/999999/correction", json={"content": "x"}), 404)
     out = tmp_path / "dpo.jsonl"
-    data_export.main(["export", "--dpo", str(out), "--home", str(home)])
+    main(["data", "export", "--dpo", str(out), "--home", str(home)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "gpt", "value": "4"},
             "rejected": {"from": "gpt", "value": reply["content"]}} in rows

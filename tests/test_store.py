@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from llmos import data_export
 from llmos.errors import LlmosError
 from llmos.server.store import NotFound, Store, assistant_from_toml, assistant_to_toml, check_assistant
+from llmos.cli import main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -186,7 +186,7 @@ def test_data_export_sft_and_dpo(store, tmp_path, capsys):
     store.set_feedback(partial["id"], 1)  # an unfinished reply is no example
 
     sft, dpo = tmp_path / "out" / "sft.jsonl", tmp_path / "out" / "dpo.jsonl"
-    assert data_export.main(["export", "--sft", str(sft), "--dpo", str(dpo), "--home", str(tmp_path)]) == 0
+    assert main(["data", "export", "--sft", str(sft), "--dpo", str(dpo), "--home", str(tmp_path)]) == 0
     assert "(3 SFT rows)" in capsys.readouterr().out
     sft_rows = [json.loads(line) for line in sft.read_text().splitlines()]
     system = {"role": "system", "content": "Answer with a number."}
@@ -225,11 +225,11 @@ def test_dpo_checker_accepts_the_reference_file():
         check_dpo_row(row, rows[0])
 
 
-def test_data_export_errors(tmp_path):
-    with pytest.raises(LlmosError, match="no llmos database"):
-        data_export.main(["export", "--sft", str(tmp_path / "x.jsonl"), "--home", str(tmp_path / "none")])
-    with pytest.raises(LlmosError, match="nothing to export"):
-        data_export.main(["export", "--home", str(tmp_path)])
+def test_data_export_errors(tmp_path, capsys):
+    assert main(["data", "export", "--sft", str(tmp_path / "x.jsonl"), "--home", str(tmp_path / "none")]) == 2
+    assert "no llmos database" in capsys.readouterr().err
+    assert main(["data", "export", "--home", str(tmp_path)]) == 2
+    assert "nothing to export" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------

@@ -31,10 +31,10 @@ if CHROMIUM is None:
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from llmos import data_export  # noqa: E402
 from llmos.model import Config, Transformer  # noqa: E402
 from llmos.server.app import create_app  # noqa: E402
 from llmos.server.serving import ServerConfig  # noqa: E402
+from llmos.cli import main
 # The tiny model and tokenizer of the OpenAI-API tests (fixtures: tok_dir, tok).
 from test_server import CONTEXT, Running, tiny_model, tok, tok_dir  # noqa: E402, F401
 
@@ -258,7 +258,7 @@ def test_thumbs_down_and_a_better_answer_reach_the_training_files(page, home, tm
     assert db(home, "SELECT content FROM corrections WHERE message_id = ?", message_id) == [("Two plus two is **4**.",)]
     [(reply,)] = db(home, "SELECT content FROM messages WHERE id = ?", message_id)
     sft, dpo = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl"
-    data_export.main(["export", "--sft", str(sft), "--dpo", str(dpo), "--home", str(home)])
+    main(["data", "export", "--sft", str(sft), "--dpo", str(dpo), "--home", str(home)])
     rows = [json.loads(line) for line in dpo.read_text().splitlines()]
     assert {"conversations": [{"from": "human", "value": "what is two plus two?"}],
             "chosen": {"from": "gpt", "value": "Two plus two is **4**."}, "rejected": {"from": "gpt", "value": reply}} in rows

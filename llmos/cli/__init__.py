@@ -34,7 +34,7 @@ from llmos.evals import run as evals_run
 from llmos.formats import check_write, quantized, read_checkpoint, write_checkpoint
 from llmos.loader import ENGINES
 from llmos.offload import check_cuda, parse_gpu_layers, place
-from llmos.options import add_flags
+from llmos.options import add_flags, make_config, parser_for
 from llmos.sampling import SamplingParams
 from llmos.server.config import ServerConfig
 from llmos.speculative import Draft
@@ -323,8 +323,11 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("data", help="training files from the chat page's votes and corrections: llmos data export --help")
-    s.add_argument("action", choices=["export"])
-    s.add_argument("args", nargs=argparse.REMAINDER, help="the action's options")
+    data = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = data.add_parser("export", help="write corrections and votes as SFT and DPO JSONL files")
+    s.add_argument("--sft", metavar="OUT.jsonl", help="corrections and thumbs-up replies, OpenAI `messages` rows")
+    s.add_argument("--dpo", metavar="OUT.jsonl", help="thumbs-down replies with a correction, ShareGPT chosen/rejected rows")
+    s.add_argument("--home", metavar="DIR", help="the llmos folder holding llmos.db (default: $LLMOS_HOME, else ~/.llmos)")
     s.set_defaults(func=cmd_data)
     return p
 
@@ -420,11 +423,23 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    return evals_run.main(args.args)
+    p = parser_for(evals_run.EvalConfig, "llmos eval", evals_run.__doc__)
+    p.add_argument("model_name", nargs="?", metavar="MODEL", help="model name or path (default: the bundled SmolLM2)")
+    given = vars(p.parse_args(args.args))
+    name, recipe = given.pop("model_name"), given.pop("recipe")
+    given["model"] = name or given["model"]
+    cfg = make_config(evals_run.EvalConfig, given, recipe)
+    report = evals_run.run(cfg)
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2) if cfg.json else evals_run.table(report))
+    return 0
 
 
 def cmd_data(args) -> int:
-    return data_export.main([args.action, *args.args])
+    counts = data_export.export_from(args.home, args.sft, args.dpo)
+    for kind, path in (("sft", args.sft), ("dpo", args.dpo)):
+        if path:
+            print(f"wrote {path} ({counts[kind]} {kind.upper()} row{'s' * (counts[kind] != 1)})")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -440,6 +455,8 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 0
     try:
         return args.func(args) or 0
+    except SystemExit as e:  # a command that parses its own flags (eval) met --help or a bad one
+        return e.code if isinstance(e.code, int) else 0
     except LlmosError as e:
         return fail(str(e))
     except KeyboardInterrupt:

@@ -4,7 +4,6 @@
     llmos eval MODEL --task arc --data ../shared/data/eval/arc_easy_test.jsonl --limit 200
     llmos eval MODEL --task gsm8k --data ../shared/data/math/gsm8k_test.jsonl --limit 50 --max-new-tokens 384
     llmos eval MODEL --task contains --data questions.jsonl --expect Ada
-    python -m llmos.evals.run MODEL ...   (the same flags)
 
 Measurements:
 - ppl: the text after one start token (the tokenizer's BOS, else its EOS, so the first text token is
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from llmos import loader
 from llmos.errors import LlmosError
 from llmos.evals.tasks import Task, get_task
-from llmos.options import make_config, option, parser_for
+from llmos.options import option
 from llmos.files import atomic_write
 from llmos.engine import Engine, SamplingParams
 from llmos.train.chat_data import adapt_for_template
@@ -193,26 +192,3 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.out:
         atomic_write(cfg.out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     return report
-
-
-def main(argv=None) -> int:
-    p = parser_for(EvalConfig, "llmos eval", __doc__)
-    p.add_argument("model_name", nargs="?", metavar="MODEL", help="model name or path (default: the bundled SmolLM2)")
-    args = vars(p.parse_args(sys.argv[1:] if argv is None else argv))
-    name, recipe = args.pop("model_name"), args.pop("recipe")
-    args["model"] = name or args["model"]
-    try:
-        cfg = make_config(EvalConfig, args, recipe)
-        report = run(cfg)
-    except LlmosError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
-    else:
-        print(table(report))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
