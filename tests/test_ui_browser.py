@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from llmos.model import Config, Transformer  # noqa: E402
 from llmos.server.app import create_app  # noqa: E402
 from llmos.server.serving import ServerConfig  # noqa: E402
-from llmos.cli import main
+from llmos.cli import main  # noqa: E402
 # The tiny model and tokenizer of the OpenAI-API tests (fixtures: tok_dir, tok).
 from test_server import CONTEXT, Running, tiny_model, tok, tok_dir  # noqa: E402, F401
 

@@ -207,58 +207,42 @@ void quantize_rows(const float* x, int64_t T, int64_t K, Act& a, bool pair_scale
 // ----------------------------------------------------------------------------
 // Float rows: y[r] = w_r · x
 
-float dot_f32(const float* w, const float* x, int64_t K) {
-    int64_t i = 0;
-    float r = 0.f;
 #if LLMOS_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= K; i += 32) {
-        _mm_prefetch((const char*)(w + i) + LLMOS_PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + i + 16) + LLMOS_PREFETCH, _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= K; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    r = _mm_cvtss_f32(h);
-#endif
-    for (; i < K; i++) r += w[i] * x[i];
-    return r;
-}
-
-#if LLMOS_AVX2
-inline __m256 bf16x8(const uint16_t* p) {
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // bfloat16 → float32: the 16 bits become the high half
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 #endif
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
-float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
+// W is float (f32 rows) or uint16_t (bf16 rows); four accumulators, each 32 inputs prefetched a line at a time.
+template <typename W>
+float dot_float_row(const W* w, const float* x, int64_t K) {
     int64_t i = 0;
     float r = 0.f;
 #if LLMOS_AVX2
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; i + 32 <= K; i += 32) {
-        _mm_prefetch((const char*)(w + i) + LLMOS_PREFETCH, _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(bf16x8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(bf16x8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(bf16x8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+        for (int64_t b = 0; b < 32 * (int64_t)sizeof(W); b += 64) _mm_prefetch((const char*)(w + i) + b + LLMOS_PREFETCH, _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(load8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
-    for (; i + 8 <= K; i += 8) a0 = _mm256_fmadd_ps(bf16x8(w + i), _mm256_loadu_ps(x + i), a0);
+    for (; i + 8 <= K; i += 8) a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
     __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     __m128 h = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     r = _mm_cvtss_f32(h);
 #endif
-    for (; i < K; i++) r += bf16_to_f32(w[i]) * x[i];
+    for (; i < K; i++) r += to_f32(w[i]) * x[i];
     return r;
 }
+
+float dot_f32(const float* w, const float* x, int64_t K) { return dot_float_row(w, x, K); }
+float dot_bf16(const uint16_t* w, const float* x, int64_t K) { return dot_float_row(w, x, K); }
 
 // ----------------------------------------------------------------------------
 // Quantized rows × int8 activations: a tile of R weight rows × C activation rows.
