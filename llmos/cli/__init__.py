@@ -221,6 +221,15 @@ def add_run_flags(r: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_run)
 
 
+def model_to_file(sub, name: str, help: str, kinds: list[str]) -> argparse.ArgumentParser:
+    """A command that reads MODEL and writes OUT as one of `kinds` (--to)."""
+    s = sub.add_parser(name, help=help)
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--to", required=True, choices=kinds)
+    return s
+
+
 def run_parser() -> argparse.ArgumentParser:
     """`llmos run`'s own parser: parse_intermixed_args lets flags stand before, between or after MODEL and PROMPT
     (the parser with subcommands cannot: argparse refuses intermixed parsing with subparsers)."""
@@ -258,10 +267,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     s.set_defaults(func=cmd_tokenize)
 
-    s = sub.add_parser("export", help="write a model as a Hugging Face directory or one GGUF file")
-    s.add_argument("model", metavar="MODEL")
-    s.add_argument("out", metavar="OUT")
-    s.add_argument("--to", required=True, choices=["hf", "gguf"])
+    s = model_to_file(sub, "export", "write a model as a Hugging Face directory or one GGUF file", ["hf", "gguf"])
     s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="default: the source's float type; f32 for quantized sources")
     s.add_argument("--no-tokenizer", action="store_true",
                    help="allow a GGUF without a tokenizer (tokenizer.ggml.model \"none\"): llama.cpp loads it but cannot run text through it")
@@ -279,10 +285,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("models", nargs="+", metavar="MODEL")
     s.set_defaults(func=cmd_rm)
 
-    s = sub.add_parser("quantize", help="write an int8 or int4 copy of a model (weight-only, loads back with llmos run)")
-    s.add_argument("model", metavar="MODEL")
-    s.add_argument("out", metavar="OUT")
-    s.add_argument("--to", required=True, choices=["int8", "int4"])
+    s = model_to_file(sub, "quantize", "write an int8 or int4 copy of a model (weight-only, loads back with llmos run)", ["int8", "int4"])
     s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4: inputs per scale and zero (default 32)")
     s.set_defaults(func=cmd_quantize)
 

@@ -358,18 +358,12 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, qtype) -> None:
     w.add_file_type(FILE_TYPES[qtype])
     if qtype == Q.Q8_0:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    hyper = {"vocab_size": cfg.vocab_size, "context_length": cfg.max_seq_len, "embedding_length": cfg.dim,
+             "block_count": cfg.n_layers, "feed_forward_length": cfg.hidden_dim, "head_count": cfg.n_heads,
+             "head_count_kv": cfg.n_kv_heads, "key_length": cfg.head_dim, "value_length": cfg.head_dim,
+             "rope_dimension_count": cfg.head_dim, "rope_freq_base": cfg.rope_theta, "layer_norm_rms_eps": cfg.norm_eps}
+    for key, value in hyper.items():  # {arch}.context_length etc., by the writer's add_<key> methods
+        getattr(w, f"add_{key}")(value)
     s = cfg.rope_scaling or {}
     kind = s.get("rope_type", s.get("type"))
     if kind == "linear":
