@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 
 from llmos.errors import LlmosError
+from llmos.files import atomic_write
 from llmos.formats.checkpoint import Checkpoint, expected_shapes
 from llmos.model import Config
 from llmos.tokenizer import Tokenizer
@@ -185,6 +186,22 @@ def load_tensors(path: Path, weights: bool = True) -> tuple[dict[str, torch.Tens
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LlmosError(f"{f}: cannot read weights ({why}); the file is truncated or corrupt, download it again")
     return tensors, files
+
+
+def read_tensor_file(file) -> dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors file that is not a whole model (a reward head, an embedding model)."""
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise LlmosError(f"{file}: missing; the model folder is incomplete") from None
+    except Exception as e:  # safetensors raises its own type for a damaged file
+        raise LlmosError(f"{file}: cannot read weights ({str(e).strip() or type(e).__name__}); the file is truncated or corrupt") from None
+
+
+def write_tensor_file(file, tensors: dict[str, torch.Tensor]) -> None:
+    """One .safetensors file of float32 CPU tensors, written atomically."""
+    flat = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in tensors.items()}
+    atomic_write(file, lambda f: f.write(save(flat, metadata={"format": "pt"})))
 
 
 def stand_in(t) -> torch.Tensor:

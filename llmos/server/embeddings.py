@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
-from safetensors.torch import load_file
+from llmos.formats import hf
 from tokenizers import Tokenizer
 
 NAME = "all-MiniLM-L6-v2"
@@ -39,7 +39,7 @@ class MiniLM:
         path = Path(path) if path else model_dir()
         cfg = json.loads((path / "config.json").read_text())
         self.heads, self.eps, self.layers = cfg["num_attention_heads"], cfg["layer_norm_eps"], cfg["num_hidden_layers"]
-        self.w = load_file(str(path / "model.safetensors"))
+        self.w = hf.read_tensor_file(path / "model.safetensors")
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(MAX_TOKENS)
         self.tokenizer.enable_padding(pad_id=cfg.get("pad_token_id", 0))  # to the longest in the batch
