@@ -3,7 +3,7 @@
     python bench/quant_ppl.py                                   # the bundled SmolLM2, first 200 kB of the text
     python bench/quant_ppl.py --model runs/e2e/base --kb 0      # any model, the whole file
 
-Each precision is loaded with `llmos.quant.load_precision` (int8: per output channel; int4: groups of
+Each precision is loaded with `llmos.loader.load(..., precision=P)` (int8: per output channel; int4: groups of
 32, asymmetric) and scored by `llmos eval`'s perplexity (windows of 1024 tokens, stride 512). The
 increase is relative to bf16. Note: the bundled SmolLM2 is itself a Q4_1 file, so its "bf16" is the
 dequantized Q4_1 weights; requantizing those measures rounding on top of rounding. A model trained
@@ -32,7 +32,7 @@ TEXT = ROOT.parent / "shared" / "data" / "corpora" / "wiki_demo.txt"
 def main() -> int:
     from llmos.evals.run import evaluate
     from llmos.evals.tasks import Perplexity
-    from llmos.quant import load_precision
+    from llmos import loader
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -57,7 +57,8 @@ def main() -> int:
             if args.engine == "fast" and precision != "bf16":
                 model, tok = fast_scorer(args.model, precision)
             else:
-                model, tok, _ = load_precision(args.model, precision)
+                runner = loader.load(args.model, "torch", precision=precision)
+                model, tok = runner.model, runner.tokenizer
             r = evaluate(Perplexity(path), model, tok, context=args.context, stride=args.context // 2)
             records.append({"precision": precision, "perplexity": r["perplexity"], "bits_per_byte": r["bits_per_byte"],
                             "tokens": r["tokens"]})
@@ -79,13 +80,16 @@ def fast_scorer(name: str, precision: str):
     fast decoder's decode kernel, so the scores carry its int8 activation rounding."""
     import torch
 
-    from llmos import fast, registry
-    from llmos.quant import load_precision, release_memory
+    from llmos import fast, loader
+    from llmos.quant import release_memory
 
     if precision == "stored":
-        _, tok, _, dec = registry.load_fast_only(name)
+        runner = loader.load(name, "fast")
+        tok, dec = runner.tokenizer, runner.decoder
     else:
-        model, tok, _ = load_precision(name, "bf16")
+        runner = loader.load(name, "torch", precision="bf16")
+        model, tok = runner.model, runner.tokenizer
+        del runner
         dec = fast.decoder(model, quant=precision)
         del model
         release_memory()

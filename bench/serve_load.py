@@ -67,7 +67,7 @@ def tiny_app(home: str):
     torch.manual_seed(0)
     model = Transformer(Config(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                                max_seq_len=2048)).eval()
-    return create_app({"tiny": (model, tok, None)}, ServerConfig(home=home, rate_limit=0, max_pending=64))
+    return create_app({"tiny": (model, tok, None)}, ServerConfig(home=home, rate_limit=0, max_pending=64, engine="torch"))
 
 
 def start_server(model: str, home: str) -> tuple[str, object]:
@@ -77,9 +77,10 @@ def start_server(model: str, home: str) -> tuple[str, object]:
     if model == "tiny":
         app = tiny_app(home)
     else:
-        from llmos.registry import load_model
+        from llmos import loader
 
-        app = create_app({model: load_model(model, "cpu", None)}, ServerConfig(home=home, rate_limit=0, max_pending=64))
+        runner = loader.load(model, "torch")
+        app = create_app({model: (runner.model, runner.tokenizer, runner.checkpoint)}, ServerConfig(home=home, rate_limit=0, max_pending=64, engine="torch"))
     sock = listen("127.0.0.1", 0)
     server = uvicorn_server(app, log_level="warning")
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llmos import quant, registry
+from llmos import loader, quant
 from llmos.engine import Engine, SamplingParams
 from llmos.speculative import Draft
 
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
         args.drafts, args.k, args.tokens, args.prompts = "layers:4", "2", 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tok, ckpt = registry.load_model(args.model, dtype="float32")
-    eos = ckpt.meta.get("eos_token_ids") or None
+    runner = loader.load(args.model, "torch", precision="f32")
+    target, tok, eos = runner.model, runner.tokenizer, runner.eos_ids or None
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in PROMPTS[: args.prompts]]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.tokens)
     plain_s, plain_ids = timed(Engine(target, tok, eos_ids=eos), prompts, params)
