@@ -14,55 +14,29 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmos import fast, kernels, registry
 from llmos.cli import main
 from llmos.engine import Engine, SamplingParams
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
-from llmos.tokenizer import Tokenizer
 from llmos import loader
+from conftest import tiny_model, tokenizer
 
 torch.set_num_threads(1)
 
-CORPUS = ["the cat sat on the mat. the dog ate the food.", "hello world, hello there!",
-          "naïve café déjà vu", "emoji 😀🎉 party 🚀", "stop here END and go on"] * 20
-
-
-def train_tokenizer() -> Tokenizer:
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(CORPUS, trainer)
-    return Tokenizer(hf, eos_ids=[hf.token_to_id("<|im_end|>")])
-
-
-TOK = train_tokenizer()
+TOK = tokenizer()
 PROMPTS = ["the cat", "hello world, hello", "emoji 😀", "stop here"]
 
 
 def tiny(seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = Config(vocab_size=TOK.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=96)
-    model = Transformer(cfg).eval()
+    model = tiny_model(seed, dim=64, hidden_dim=128, max_seq_len=96)
     with torch.no_grad():  # norms away from 1, and logits spread wide enough that greedy steps are clear
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
         model.embed.weight.mul_(30)
     return model
-
-
-@pytest.fixture(scope="module")
-def ext():
-    e = kernels.load()
-    if e is None:
-        pytest.skip(f"C++ kernels unavailable: {kernels.why_not()}")
-    return e
 
 
 @pytest.fixture(scope="module")
