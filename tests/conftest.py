@@ -5,6 +5,7 @@
     tokenizer(ascii_only=False)            a byte-level BPE trained on CORPUS (ChatML template, <|im_end|> ends)
     fixtures: tok, tok_dir, hf_tok         that tokenizer as a Hugging Face directory, llmos and transformers reading it
               model, engine                tiny_model() and an Engine on it, once per module
+              client                       the openai client of the module's `server` fixture
               ext                          the C++ decode kernels (skips the test where they cannot be built)
 
 A test that needs another shape passes overrides (tiny_config(dim=64, hidden_dim=128)) rather than writing its
@@ -117,6 +118,14 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
     return Engine(model, tokenizer())
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official `openai` client of the module's `server` fixture (a test_server.Running)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 # ----------------------------------------------------------------------------
