@@ -3,6 +3,7 @@
     tiny_config(**overrides)               2 layers, 32 wide, 4 heads on 2 kv heads, MLP 64, context 64
     tiny_model(seed=0, cls=..., **overrides) that config's Transformer, seeded, in eval mode
     tokenizer(ascii_only=False)            a byte-level BPE trained on CORPUS (ChatML template, <|im_end|> ends)
+    word_tokenizer(vocab)                  token i is the word "t{i}", for tests about ids rather than text
     fixtures: tok, tok_dir, hf_tok         that tokenizer as a Hugging Face directory, llmos and transformers reading it
               model, engine                tiny_model() and an Engine on it, once per module
               client                       the openai client of the module's `server` fixture
@@ -67,6 +68,12 @@ def bpe(ascii_only: bool = False) -> HFTokenizer:
 def tokenizer(ascii_only: bool = False) -> Tokenizer:
     """The trained BPE as llmos holds it: <|im_end|> ends generation, <|endoftext|> pads, the ChatML template."""
     return Tokenizer(bpe(ascii_only), eos_ids=[EOS], pad_id=0, chat_template=CHATML)
+
+
+def word_tokenizer(vocab: int, eos: int | None = None) -> Tokenizer:
+    """Token i is the word "t{i}": for tests about ids rather than text (random prompts, tiny vocabularies)."""
+    hf = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    return Tokenizer(hf, eos_ids=[] if eos is None else [eos])
 
 
 @pytest.fixture(scope="session")
