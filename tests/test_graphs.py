@@ -15,7 +15,8 @@ import torch
 
 from llmos.engine import Engine, SamplingParams
 from llmos.graphs import GraphDecoder
-from llmos.model import Config, Transformer
+from llmos.model import Transformer
+from conftest import tiny_model
 from llmos.tokenizer import Tokenizer
 
 CONFIGS = [
@@ -27,8 +28,7 @@ CONFIGS = [
 
 
 def build(i: int, dtype=torch.float64, vocab: int = 97) -> Transformer:
-    torch.manual_seed(i)
-    model = Transformer(Config(vocab_size=vocab, max_seq_len=40, **CONFIGS[i])).to(dtype).eval()
+    model = tiny_model(i, vocab_size=vocab, max_seq_len=40, **CONFIGS[i]).to(dtype)
     with torch.no_grad():
         model.embed.weight.mul_(20)
     return model
