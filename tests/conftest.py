@@ -3,6 +3,7 @@
     tiny_config(**overrides)               2 layers, 32 wide, 4 heads on 2 kv heads, MLP 64, context 64
     tiny_model(seed=0, cls=..., **overrides) that config's Transformer, seeded, in eval mode
     tokenizer(ascii_only=False)            a byte-level BPE trained on CORPUS (ChatML template, <|im_end|> ends)
+    byte_bpe(texts, vocab_size, special)   the same training on other texts, for tests that need other tokens
     word_tokenizer(vocab)                  token i is the word "t{i}", for tests about ids rather than text
     fixtures: tok, tok_dir, hf_tok         that tokenizer as a Hugging Face directory, llmos and transformers reading it
               model, engine                tiny_model() and an Engine on it, once per module
@@ -50,17 +51,24 @@ CHATML = (
 )
 
 
-@functools.cache
-def bpe(ascii_only: bool = False) -> HFTokenizer:
-    """320 tokens, so emoji, CJK and accented letters are split across several. ascii_only: trained on the ASCII
-    lines alone and without the 256-byte alphabet, so every token is ASCII text and any sequence of ids a random
-    model writes decodes cleanly, for tests that compare whole decoded texts."""
+def byte_bpe(texts, vocab_size: int = 320, special=SPECIAL, alphabet: bool = True) -> HFTokenizer:
+    """A byte-level BPE (GPT-2's pre-tokenizer and decoder) trained on texts, special tokens first. alphabet: all
+    256 bytes are tokens, so any text encodes; without it, only the bytes the texts hold."""
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    alphabet = [] if ascii_only else pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL, initial_alphabet=alphabet, show_progress=False)
-    hf.train_from_iterator([t for t in CORPUS if t.isascii() or not ascii_only], trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet else [])
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+@functools.cache
+def bpe(ascii_only: bool = False) -> HFTokenizer:
+    """byte_bpe on CORPUS: 320 tokens, so emoji, CJK and accented letters are split across several. ascii_only:
+    trained on the ASCII lines alone and without the byte alphabet, so every token is ASCII text and any sequence
+    of ids a random model writes decodes cleanly, for tests that compare whole decoded texts."""
+    hf = byte_bpe([t for t in CORPUS if t.isascii() or not ascii_only], alphabet=not ascii_only)
     assert [hf.token_to_id(t) for t in SPECIAL] == [0, 1, 2]
     return hf
 

@@ -14,7 +14,7 @@ import torch
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint, hf
 from llmos.model import Transformer
-from conftest import tiny_config
+from conftest import byte_bpe, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,12 +225,8 @@ def test_write_refuses_a_foreign_directory_and_replaces_its_own(tmp_path):
 
 def test_tokenizer_round_trip(tmp_path):
     tokenizer_mod = pytest.importorskip("llmos.tokenizer")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["the cat sat on the mat", "a dog ran far away"] * 4,
-                            trainers.BpeTrainer(vocab_size=61, special_tokens=["<pad>", "<s>", "</s>"]))
+    # the model's 61 tokens: Llama's <s> and </s>, no byte alphabet
+    tok = byte_bpe(["the cat sat on the mat", "a dog ran far away"] * 4, 61, ["<pad>", "<s>", "</s>"], alphabet=False)
     make_hf(**CASES["llama-untied"]).save_pretrained(tmp_path / "src")
     tok.save(str(tmp_path / "src" / "tokenizer.json"))
     (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps(
