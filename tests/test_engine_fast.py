@@ -2,7 +2,7 @@
 
 References: the same Engine without a decoder (the PyTorch model path, itself checked against full
 forwards in test_engine.py) for float weights; for int8/int4 the model holding the decoder's own
-dequantized weights with the kernels' int8 rounding of activations (forward hooks, as in test_fast.py),
+dequantized weights with the kernels' int8 rounding of activations (test_fast.reference, forward hooks),
 so that both compute the same function and greedy tokens must agree. Then the CLI: the bundled SmolLM2
 through `llmos run` on each engine, and the one-line note when the kernels cannot be compiled.
 """
@@ -19,9 +19,10 @@ from llmos import fast, kernels, registry
 from llmos.cli import main
 from llmos.engine import Engine, SamplingParams
 from llmos.errors import LlmosError
-from llmos.model import Config, Transformer
+from llmos.model import Transformer
 from llmos import loader
 from conftest import tiny_model, tokenizer
+from test_fast import reference
 
 torch.set_num_threads(1)
 
@@ -155,28 +156,10 @@ def test_concurrent_threads(model, dec):
 # Quantized weights: the model with the decoder's dequantized weights and int8 activations
 
 
-def act_quant_reference(model: Transformer, dec: fast.Decoder) -> Transformer:
-    """The readable model computing what the decoder computes (a copy of test_fast.reference)."""
-    ref = Transformer(Config(**{**model.cfg.to_dict(), "tie_embeddings": False})).eval()
-    ref.load_state_dict({k: (v.dequantize() if isinstance(v, fast.Weight) else v) for k, v in dec.weights.items()})
-
-    def q8(x):  # per block of 32, round half to even then scale: the kernels' activation rounding
-        b = x.reshape(-1, 32)
-        amax = b.abs().amax(-1, keepdim=True)
-        inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-        return (torch.round(b * inv) * (amax / 127)).reshape(x.shape)
-
-    for block in ref.layers:
-        for n in fast.LINEARS:
-            block.get_submodule(n).register_forward_pre_hook(lambda m, args: (q8(args[0]),))
-    ref.norm.register_forward_hook(lambda m, args, out: q8(out))
-    return ref
-
-
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_fast_engine_equals_reference(ext, model, quant):
     dec = fast.decoder(model, quant=quant)
-    ref = act_quant_reference(model, dec)
+    ref = reference(model, dec, act_quant=True)
     plain, quick = Engine(ref, TOK), Engine(ref, TOK, fast=dec)
     for text in PROMPTS:
         params = lambda: SamplingParams(temperature=0.0, max_new_tokens=24, logprobs=1)
