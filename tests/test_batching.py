@@ -13,48 +13,19 @@ import threading
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmos.batching import Scheduler, SchedulerFull
 from llmos.engine import Engine, SamplingParams
 from llmos.errors import LlmosError
-from llmos.model import Config, Transformer
-from llmos.tokenizer import Tokenizer
+from conftest import tiny_config, tiny_model, tokenizer
 
 torch.set_num_threads(1)
 
-CORPUS = ["the cat sat on the mat. the dog ate the food.", "hello world, hello there!", "naïve café déjà vu",
-          "日本語のテキスト 世界", "emoji 😀🎉 party 🚀"] * 20
-
-
-def train_tokenizer() -> Tokenizer:
-    """Byte-level BPE with a small vocabulary, so multi-byte characters span several tokens."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(CORPUS, trainer)
-    return Tokenizer(hf, eos_ids=[hf.token_to_id("<|im_end|>")])
-
-
-TOK = train_tokenizer()
-CFG = Config(vocab_size=TOK.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+TOK = tokenizer()
+CFG = tiny_config()
 TEXTS = ["the cat sat on the mat. the dog", "hi", "emoji 😀 party", "naïve café",
          "日本語のテキスト 世界 hello world",
          "dog", "hello there, the food", "the mat"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return Transformer(CFG).eval()
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model, TOK)
 
 
 def greedy(**kw):
@@ -204,7 +175,7 @@ def test_logits_processors_apply_per_request_and_a_failing_one_fails_only_its_ow
 def test_compaction_at_the_end_of_the_cache_preserves_outputs(model, monkeypatch):
     # Context 24: rows that arrive one after another push the shared timeline past the cache's
     # end many times, and some rows run right up to the context limit.
-    small = Transformer(Config(**{**CFG.to_dict(), "max_seq_len": 24})).eval()
+    small = tiny_model(max_seq_len=24)
     small.load_state_dict(model.state_dict())
     engine = Engine(small, TOK)
     arrivals = [(4 * i, TOK.encode(TEXTS[i])[:12], greedy(max_new_tokens=[100, 12, 9, 100, 15, 11, 100, 10][i]))
@@ -232,7 +203,7 @@ def test_max_len_is_each_requests_context(engine):
 
 
 def test_generate_many_with_more_prompts_than_room(engine):
-    # The first three (2, 8 and 14 tokens) are also prefilled as one left-padded group.
+    # The first three (2, 9 and 12 tokens) are also prefilled as one left-padded group.
     prompts = [TOK.encode(t) for t in TEXTS]
     params = greedy(max_new_tokens=10, repetition_penalty=1.3)
     want = [engine.generate(p, params) for p in prompts]

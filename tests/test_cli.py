@@ -20,44 +20,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmos import registry
 from llmos.cli import main, source_float
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint, hf, read_checkpoint, write_checkpoint
-from llmos.model import Config, Transformer
-from llmos.tokenizer import Tokenizer
 from llmos import loader
-from conftest import load_model
+from conftest import CHATML, EOS, load_model, tiny_model, tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TEXT = "hello world. the quick brown fox jumps over the lazy dog. Paris is the capital of France.\n" * 20
-EOS = 2  # <|im_end|>
 
 
 # ----------------------------------------------------------------------------
-# Fixtures: a tiny chat model (byte-level BPE trained here, 2 layers, 32 wide) as a Hugging Face directory
+# Fixtures: a tiny chat model (conftest's 2-layer, 32-wide model and BPE) as a Hugging Face directory
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    raw = HFTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    # No initial alphabet: every token is ASCII text, so any greedy output decodes cleanly.
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    raw.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False))
-    tok = Tokenizer(raw, bos_id=0, eos_ids=[EOS], pad_id=0, chat_template=CHATML)
-    torch.manual_seed(0)
-    cfg = Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=256)
-    model = Transformer(cfg).eval()
+    tok = tokenizer(ascii_only=True)  # every token is ASCII text, so any greedy output decodes cleanly
+    model = tiny_model(vocab_size=tok.vocab_size, max_seq_len=256)
     path = tmp_path_factory.mktemp("tiny") / "tiny-chat"
-    hf.write(Checkpoint(cfg, model.state_dict(), tok, {"eos_token_ids": [EOS]}), path, "f32")
+    hf.write(Checkpoint(model.cfg, model.state_dict(), tok, {"eos_token_ids": [EOS]}), path, "f32")
     return path, model
 
 
@@ -241,23 +224,29 @@ def test_run_samples_repeatably_with_a_seed(capsys, tiny):
     assert first == second and first != other
 
 
-def test_interactive_chat(capsys, tiny, tmp_path, monkeypatch):
+def chat_session(capsys, monkeypatch, path, home, lines):
+    """`llmos run PATH` as a chat typed at a terminal, line by line: (exit code, stdout, stderr, and for each
+    Engine.chat call the messages it got and its (temperature, top_k, max_new_tokens, seed))."""
     from llmos.engine import Engine
 
-    seen = []
-    real_chat = Engine.chat
+    seen, real_chat, lines = [], Engine.chat, iter(lines)
 
     def spy(self, messages, params, stream=False):
-        seen.append([dict(m) for m in messages])
+        seen.append(([dict(m) for m in messages], (params.temperature, params.top_k, params.max_new_tokens, params.seed)))
         return real_chat(self, messages, params, stream=stream)
 
-    long = "hello world " * 50  # about 100 tokens: the third turn no longer fits 256 with the replies
-    lines = iter(["/help", "hello", "again", "/clear", "/system Be brief.", "hi", "/nope", long, long, long, "/bye"])
     monkeypatch.setattr(Engine, "chat", spy)
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
     monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
-    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
-    code, out, err = run_cli(capsys, "run", tiny[0], "--temperature", "0", "--max-tokens", "8")
+    monkeypatch.setenv("LLMOS_HOME", str(home))
+    return *run_cli(capsys, "run", path, "--temperature", "0", "--max-tokens", "8"), seen
+
+
+def test_interactive_chat(capsys, tiny, tmp_path, monkeypatch):
+    long = "hello world " * 50  # about 100 tokens: the third turn no longer fits 256 with the replies
+    lines = ["/help", "hello", "again", "/clear", "/system Be brief.", "hi", "/nope", long, long, long, "/bye"]
+    code, out, err, calls = chat_session(capsys, monkeypatch, tiny[0], tmp_path / "home", lines)
+    seen = [messages for messages, _ in calls]
     assert code == 0, err
     assert "/clear" in out and "Unknown command '/nope'" in out
     user = lambda msgs: [(m["role"], m["content"]) for m in msgs if m["role"] != "assistant"]
@@ -274,27 +263,14 @@ def test_interactive_chat(capsys, tiny, tmp_path, monkeypatch):
 
 def test_chat_commands(capsys, tiny, tmp_path, monkeypatch):
     """Ollama's /set parameter, /set system, /show and \"\"\" multi-line input; a refused message keeps the chat going."""
-    from llmos.engine import Engine
-
-    seen = []
-    real_chat = Engine.chat
-
-    def spy(self, messages, params, stream=False):
-        seen.append(([dict(m) for m in messages], (params.temperature, params.top_k, params.max_new_tokens, params.seed)))
-        return real_chat(self, messages, params, stream=stream)
-
-    lines = iter([
+    lines = [
         "/set parameter temperature 0.3", "/set top_k 5", "/set num_predict 3", "/set seed 11",
         "/set temperature -1", "/set top_k x", "/set bogus 1",  # refused: the values above stay
         "/set system Be brief.", '"""first line', "  second line", 'last"""',
         "hello world " * 200,  # longer than the 256-token context: an error line, and the chat goes on
         "/show parameters", "/show", "/show system", "/show template", "/show license", "hi", "/bye",
-    ])
-    monkeypatch.setattr(Engine, "chat", spy)
-    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
-    monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
-    monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "home"))
-    code, out, err = run_cli(capsys, "run", tiny[0], "--temperature", "0", "--max-tokens", "8")
+    ]
+    code, out, err, seen = chat_session(capsys, monkeypatch, tiny[0], tmp_path / "home", lines)
     assert code == 0, err
     assert "Set parameter 'temperature' to '0.3'" in out and "Set parameter 'max_new_tokens' to '3'" in out
     assert "temperature must be >= 0" in out and "top_k must be an integer, got 'x'" in out and "Usage: /set" in out
@@ -318,7 +294,7 @@ def test_show(capsys, tiny):
     assert fields["attention heads"] == "4 query, 2 key-value, 8 wide"
     assert fields["tensor types"].startswith("f32 ×") and fields["format"] == "hf" and fields["architecture"] == "llama"
     assert fields["stop tokens"] == '"<|im_end|>"'
-    assert "{% for m in messages %}" in out and "License" in out
+    assert CHATML.splitlines()[0] in out and "License" in out  # the template's first line
     code, out, _ = run_cli(capsys, "show", path, "--template")
     assert out == CHATML + "\n"
 
@@ -399,10 +375,8 @@ def sentencepiece_repo(path: Path, source: str) -> Path:
     if source == "llama2" and not LLAMA2_MODEL.is_file():
         pytest.skip("needs ../shared/data")
     vocab = 32000 if source == "llama2" else 330
-    torch.manual_seed(0)
-    cfg = Config(vocab_size=vocab, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
-                 tie_embeddings=True)
-    hf.write(Checkpoint(cfg, Transformer(cfg).state_dict(), None, {"eos_token_ids": [2]}), path, "f32")
+    model = tiny_model(vocab_size=vocab, n_layers=1, tie_embeddings=True)
+    hf.write(Checkpoint(model.cfg, model.state_dict(), None, {"eos_token_ids": [2]}), path, "f32")
     if source == "llama2":
         (path / "tokenizer.model").write_bytes(LLAMA2_MODEL.read_bytes())
     else:
@@ -446,8 +420,8 @@ def test_sentencepiece_repository_runs_and_exports_to_gguf(capsys, tmp_path, sou
 
 def test_export_to_gguf_needs_a_tokenizer(capsys, tmp_path):
     """llama.cpp refuses a GGUF without tokenizer.ggml.model: export says so, unless --no-tokenizer is given."""
-    cfg = Config(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
-    hf.write(Checkpoint(cfg, Transformer(cfg).state_dict(), None, {}), tmp_path / "bare", "f32")
+    model = tiny_model(vocab_size=64, n_layers=1)
+    hf.write(Checkpoint(model.cfg, model.state_dict(), None, {}), tmp_path / "bare", "f32")
     code, out, err = run_cli(capsys, "export", tmp_path / "bare", tmp_path / "m.gguf", "--to", "gguf")
     line = one_error_line(err, progress=True)
     assert code == 2 and out == "" and not (tmp_path / "m.gguf").exists()
@@ -467,13 +441,13 @@ def test_bench_of_a_gguf_without_tokenizer(capsys, tmp_path, monkeypatch):
     error line), and a crash of the benchmark's child process reads as an internal error, not a user's mistake."""
     from llmos.formats import gguf as G
 
-    cfg = Config(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
-    G.write(Checkpoint(cfg, Transformer(cfg).state_dict(), None, {}), tmp_path / "m.gguf", "q8_0")
+    model = tiny_model(vocab_size=64, dim=64, hidden_dim=128)
+    G.write(Checkpoint(model.cfg, model.state_dict(), None, {}), tmp_path / "m.gguf", "q8_0")
     argv = ["bench", tmp_path / "m.gguf", "--precisions", "int8", "--prefill", "8", "--decode", "4", "--reps", "1"]
     code, out, err = run_cli(capsys, *argv, "--json", tmp_path / "r.json")
     assert code == 0, err
     [record] = json.loads((tmp_path / "r.json").read_text())
-    assert record["precision"] == "int8" and record["decode_tok_s"] > 0 and record["params"] == cfg.num_params()
+    assert record["precision"] == "int8" and record["decode_tok_s"] > 0 and record["params"] == model.cfg.num_params()
     from llmos import kernels
 
     assert record["engine"] == ("fast" if kernels.load() is not None else "torch")  # fast: the Q8_0 blocks as stored

@@ -1,4 +1,4 @@
-"""Engine tests on a tiny random model and a byte-level BPE trained here.
+"""Engine tests on the tiny random model and byte-level BPE of conftest.py (model and engine are its fixtures).
 
 References: a manual full forward with no cache (greedy, logprobs), hand-computed
 logits (penalties, top-p, min-p), transformers' logits processors, and a scripted
@@ -12,55 +12,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers
 
 from llmos.engine import Engine, SamplingParams, Stream, fit_messages, penalize, sample, warp
 from llmos.errors import LlmosError
-from llmos.model import Config, KVCache, Transformer
-from llmos.tokenizer import Tokenizer
+from llmos.model import KVCache
+from conftest import tiny_config, tokenizer
 
 torch.set_num_threads(1)
 
-CORPUS = [
-    "the cat sat on the mat. the dog ate the food.",
-    "hello world, hello there!",
-    "naïve café déjà vu",
-    "日本語のテキスト 世界",
-    "emoji 😀🎉 party 🚀",
-    "stop here END and go on",
-] * 20
-
-
-def train_tokenizer() -> Tokenizer:
-    """A byte-level BPE trained on CORPUS. The vocabulary is small, so emoji, CJK and accented
-    letters are split across tokens. No chat template: the tokenizer falls back to ChatML."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    hf.train_from_iterator(CORPUS, trainer)
-    return Tokenizer(hf, eos_ids=[hf.token_to_id("<|im_end|>")])
-
-
-TOK = train_tokenizer()
-CFG = Config(vocab_size=TOK.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+TOK = tokenizer()
+CFG = tiny_config()
 TEXT = "Hello wörld 😀 世界 END tail"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return Transformer(CFG).eval()
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model, TOK)
 
 
 def greedy(**kw):

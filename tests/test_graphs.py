@@ -15,8 +15,8 @@ import torch
 
 from llmos.engine import Engine, SamplingParams
 from llmos.graphs import GraphDecoder
-from llmos.model import Config, Transformer
-from llmos.tokenizer import Tokenizer
+from llmos.model import Transformer
+from conftest import tiny_model, tokenizer
 
 CONFIGS = [
     dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96),
@@ -27,8 +27,7 @@ CONFIGS = [
 
 
 def build(i: int, dtype=torch.float64, vocab: int = 97) -> Transformer:
-    torch.manual_seed(i)
-    model = Transformer(Config(vocab_size=vocab, max_seq_len=40, **CONFIGS[i])).to(dtype).eval()
+    model = tiny_model(i, vocab_size=vocab, max_seq_len=40, **CONFIGS[i]).to(dtype)
     with torch.no_grad():
         model.embed.weight.mul_(20)
     return model
@@ -54,22 +53,8 @@ def test_prefill_and_steps_equal_full_forwards(i):
         assert torch.allclose(dec.decode(ids[3]), model(torch.tensor([ids[:4]]))[0, -1].float(), atol=1e-9)
 
 
-def char_tokenizer() -> Tokenizer:
-    """Byte-level BPE trained on a few lines: a real tokenizer small enough for a tiny model."""
-    from tokenizers import Tokenizer as HF
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    hf = HF(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(["the cat sat on the mat", "hello there, hello world"] * 10, trainer)
-    return Tokenizer(hf, eos_ids=[hf.token_to_id("<|im_end|>")])
-
-
 def test_engine_on_the_decoder_gives_the_model_paths_tokens():
-    tok = char_tokenizer()
+    tok = tokenizer()
     model = build(0, torch.float32, tok.vocab_size)
     plain, graphed = Engine(model, tok), Engine(model, tok, fast=GraphDecoder(model, graph=False))
     for prompt in ["hello there", "a", "the cat sat on the mat"]:

@@ -14,6 +14,7 @@ import torch
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint, hf
 from llmos.model import Transformer
+from conftest import byte_bpe, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -224,12 +225,8 @@ def test_write_refuses_a_foreign_directory_and_replaces_its_own(tmp_path):
 
 def test_tokenizer_round_trip(tmp_path):
     tokenizer_mod = pytest.importorskip("llmos.tokenizer")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["the cat sat on the mat", "a dog ran far away"] * 4,
-                            trainers.BpeTrainer(vocab_size=61, special_tokens=["<pad>", "<s>", "</s>"]))
+    # the model's 61 tokens: Llama's <s> and </s>, no byte alphabet
+    tok = byte_bpe(["the cat sat on the mat", "a dog ran far away"] * 4, 61, ["<pad>", "<s>", "</s>"], alphabet=False)
     make_hf(**CASES["llama-untied"]).save_pretrained(tmp_path / "src")
     tok.save(str(tmp_path / "src" / "tokenizer.json"))
     (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps(
@@ -292,10 +289,9 @@ def test_expected_shapes_without_building_a_model(tmp_path, monkeypatch):
     """The shapes formats check files against are the model's own, and reading builds no model (on the meta
     device its first use imports torch._dynamo: seconds)."""
     from llmos.formats import expected_shapes
-    from llmos.model import Config
 
     for kw in (dict(tie_embeddings=True), dict(qkv_bias=True, n_kv_heads=1), dict(head_dim=16)):
-        cfg = Config(**dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64) | kw)
+        cfg = tiny_config(vocab_size=61, hidden_dim=48, **kw)
         assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     make_hf(**CASES["qwen2-gqa-untied"]).save_pretrained(tmp_path)
     monkeypatch.setattr(Transformer, "__init__", lambda *a, **kw: pytest.fail("built a Transformer"))

@@ -18,9 +18,9 @@ import torch
 from llmos.engine import Engine, SamplingParams
 from llmos.formats import gguf as G
 from llmos.formats import Checkpoint, llama2c, read_checkpoint
-from llmos.model import Config, Transformer
 from llmos.loader import build_model
 from llmos.tokenizer import BYTE_DECODER, _BYTE_TOKEN, Tokenizer
+from conftest import tiny_model
 
 BIN = Path(os.environ.get("LLMOS_LLAMA_CPP") or "/nonexistent")
 TOOLS = ("llama-tokenize", "llama-simple")
@@ -120,12 +120,10 @@ def trained(tmp_path_factory) -> Tokenizer:
 
 
 def tiny(tok: Tokenizer, **kw) -> Checkpoint:
-    cfg = Config(**dict(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                        max_seq_len=128) | kw)
-    torch.manual_seed(0)
+    model = tiny_model(**(dict(vocab_size=tok.vocab_size, dim=64, hidden_dim=128, max_seq_len=128) | kw))
     sd = {k: v * 4 if k == "embed.weight" else torch.randn_like(v) * 0.5 if k.endswith("bias") else v
-          for k, v in Transformer(cfg).state_dict().items()}  # a larger embedding peaks the logits: no near-ties
-    return Checkpoint(cfg, sd, tok, {"name": "tiny", "eos_token_ids": [0, 2]})  # <|endoftext|>, <|im_end|>
+          for k, v in model.state_dict().items()}  # a larger embedding peaks the logits: no near-ties
+    return Checkpoint(model.cfg, sd, tok, {"name": "tiny", "eos_token_ids": [0, 2]})  # <|endoftext|>, <|im_end|>
 
 
 CHAT = "<|im_start|>user\nOnce upon a time<|im_end|>\n<|im_start|>assistant\n"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmos.model import Config, Transformer
+from conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,11 +35,13 @@ CASES = {
 
 
 def make_pair(arch, n_heads, n_kv_heads, tie, scaling, seed=0):
-    torch.manual_seed(seed)
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=64,
-                  rms_norm_eps=1e-6, tie_word_embeddings=tie)
     theta = 500000.0 if scaling else 10000.0
+    cfg = tiny_config(vocab_size=97, hidden_dim=48, n_heads=n_heads, n_kv_heads=n_kv_heads, norm_eps=1e-6,
+                      rope_theta=theta, rope_scaling=scaling, tie_embeddings=tie, qkv_bias=arch == "qwen2")
+    torch.manual_seed(seed)
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie)
     if arch == "qwen2":
         hf_cfg = transformers.Qwen2Config(**common, rope_theta=theta)
         hf = transformers.Qwen2ForCausalLM(hf_cfg)
@@ -51,9 +54,6 @@ def make_pair(arch, n_heads, n_kv_heads, tie, scaling, seed=0):
             torch.nn.init.normal_(p, mean=1.0, std=0.3)
         elif name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.5)
-    cfg = Config(vocab_size=97, dim=32, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=48,
-                 max_seq_len=64, norm_eps=1e-6, rope_theta=theta, rope_scaling=scaling, tie_embeddings=tie,
-                 qkv_bias=arch == "qwen2")
     state = {}
     for name, tensor in hf.state_dict().items():
         if "rotary" in name or (tie and name == "lm_head.weight"):
@@ -118,7 +118,7 @@ def test_left_padded_batch_equals_each_row_alone():
 def test_config_rejects_unknown_keys_and_counts_parameters():
     with pytest.raises(ValueError, match="unknown config keys"):
         Config.from_dict({"dim": 32, "n_layer": 2})
-    cfg = Config(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, qkv_bias=True)
+    cfg = tiny_config(vocab_size=97, hidden_dim=48, qkv_bias=True)
     assert cfg.num_params() == sum(p.numel() for p in Transformer(cfg).parameters())
     tied = Config(**{**cfg.to_dict(), "tie_embeddings": True})
     assert tied.num_params() == sum(p.numel() for p in Transformer(tied).parameters())

@@ -14,29 +14,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models
 
 from llmos.batching import Scheduler
 from llmos.cli import main
 from llmos.engine import Engine, SamplingParams
 from llmos.errors import LlmosError
-from llmos.model import Config, Transformer
+from llmos.model import Transformer
 from llmos.offload import LayerStack, choose_layers, place
-from llmos.tokenizer import Tokenizer
+from conftest import tiny_config, tiny_model, word_tokenizer
 
 torch.set_num_threads(1)
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 V = 64
-TOK = Tokenizer(HFTokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0")))
-CFG = Config(vocab_size=V, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+TOK = word_tokenizer(V)
+SHAPE = dict(vocab_size=V, n_layers=3)
+CFG = tiny_config(**SHAPE)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return Transformer(CFG).eval()
+    return tiny_model(**SHAPE)
 
 
 def split(model, n=2, dtype=torch.float64):

@@ -13,11 +13,12 @@ from llmos import planner, quant
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
 from llmos.cli import main
+from conftest import tiny_config
 
 # 2 layers, width 64, 4 heads of 16 (2 kv heads: kv width 32), MLP 128, vocabulary 100, untied.
 # Per layer: wq 64x64 = 4096, wk 32x64 = 2048, wv 2048, wo 4096, w1 = w3 = 128x64 = 8192, w2 8192,
 # two norms 128: 36,992. Total: embed 6,400 + 2 x 36,992 + norm 64 + head 6,400 = 86,848.
-CFG = Config(vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
+CFG = tiny_config(vocab_size=100, dim=64, hidden_dim=128)
 PARAMS = 86_848
 LINEAR = 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)  # 73,728 weights in the blocks' linear layers
 ROWS = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # 1,024 output rows

@@ -18,17 +18,15 @@ from llmos.model import Config, Transformer
 from llmos import loader
 from llmos.formats import quantized
 from llmos.cli import cmd_quantize
-from conftest import load_precision
+from conftest import load_precision, tiny_config, tiny_model
 
 
 def tiny(**kw) -> Config:
-    base = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
-    return Config(**{**base, **kw})
+    return tiny_config(**({"vocab_size": 96, "dim": 64, "hidden_dim": 128} | kw))
 
 
 def model_of(cfg, seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    m = Transformer(cfg).eval()
+    m = tiny_model(seed, **cfg.to_dict())
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" in name:  # norms away from 1, so a wrong norm path shows

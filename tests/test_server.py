@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, driven over loopback like any client would drive it.
 
-A real uvicorn server runs in a background thread on 127.0.0.1 (a free port) and serves a
-tiny random model with a byte-level BPE trained here, saved as a Hugging Face tokenizer
+A real uvicorn server runs in a background thread on 127.0.0.1 (a free port) and serves
+conftest's tiny random model and byte-level BPE, read from a Hugging Face tokenizer directory
 with a ChatML template. The official `openai` client drives the happy paths; httpx sends
 the malformed ones. References: the engine run directly (same text, streamed or not),
 transformers' apply_chat_template (prompt token counts), a plain forward of the model
@@ -19,65 +19,23 @@ import httpx
 import openai
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmos.engine import Engine, SamplingParams
 from llmos.errors import LlmosError
-from llmos.model import Config, Transformer
+from llmos.model import Transformer
 from llmos.server.app import create_app, listen, serve, uvicorn_server
 from llmos.server.serving import ServerConfig, check_bind
-from llmos.tokenizer import Tokenizer
+from conftest import tiny_model
 
 torch.set_num_threads(1)
 
-CORPUS = ["the cat sat on the mat. the dog ate the food.", "hello world, how are you today?",
-          "stop here END and go on", "naïve café 日本語 😀"] * 20
-CHATML = (
-    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CONTEXT = 256
 USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello world"}]
 TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
 
 
 # ----------------------------------------------------------------------------
-# A tiny model and tokenizer, and servers running them
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(CORPUS, trainer)
-    d = tmp_path_factory.mktemp("tok")
-    hf.save(str(d / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML, "bos_token": None,
-              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False}
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return Tokenizer.from_hf_dir(tok_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tok_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-def tiny_model(tok, cls=Transformer):
-    torch.manual_seed(0)
-    return cls(Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                      max_seq_len=CONTEXT)).eval()
+# Servers running the tiny model (conftest.py: tiny_model; the fixtures tok, tok_dir, hf_tok, and client)
 
 
 class SlowTransformer(Transformer):
@@ -89,7 +47,7 @@ class SlowTransformer(Transformer):
 
 
 class Running:
-    """uvicorn serving `app` on a free loopback port, in a daemon thread."""
+    """uvicorn serving `app` on a free loopback port, in a daemon thread; as a context manager, stopped at its end."""
 
     def __init__(self, app):
         sock = listen("127.0.0.1", 0)
@@ -107,10 +65,16 @@ class Running:
         self.thread.join(10)
         assert not self.thread.is_alive()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
+def model():
+    return tiny_model(max_seq_len=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -120,23 +84,16 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, tok, home):
-    running = Running(create_app({"tiny": (model, tok, None)}, ServerConfig(max_tokens=250, max_body_bytes=64 * 1024, home=home)))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    with Running(create_app({"tiny": (model, tok, None)}, ServerConfig(max_tokens=250, max_body_bytes=64 * 1024, home=home))) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def guarded(tok, home):
     """A slow model behind an API key, with room for one request at a time."""
-    app = create_app({"slow": (tiny_model(tok, SlowTransformer), tok, None)}, ServerConfig(api_key="sekret", max_pending=1, home=home, engine="torch"))
-    running = Running(app)
-    yield running
-    running.stop()
+    app = create_app({"slow": (tiny_model(cls=SlowTransformer, max_seq_len=CONTEXT), tok, None)}, ServerConfig(api_key="sekret", max_pending=1, home=home, engine="torch"))
+    with Running(app) as running:
+        yield running
 
 
 def healthy(url, **kw):
@@ -417,7 +374,7 @@ class CountingTransformer(SlowTransformer):
 
 
 def test_concurrent_streams_share_the_decode_loop_and_a_disconnect_frees_the_row(model, tok, hf_tok, home):
-    slow = tiny_model(tok, CountingTransformer)  # the same weights as `model`: tiny_model seeds them
+    slow = tiny_model(cls=CountingTransformer, max_seq_len=CONTEXT)  # the same weights as `model`: tiny_model seeds them
     slow.decode_rows = []
     app = create_app({"slow": (slow, tok, None)}, ServerConfig(home=home, engine="torch"))
     scheduler = app.state.serving.models["slow"].scheduler

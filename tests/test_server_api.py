@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -25,15 +26,15 @@ from llmos.server import app as app_module
 from llmos.server.app import create_app
 from llmos.server.serving import SAVE_EVERY, ServerConfig
 from llmos.cli import main
-# The tiny model and tokenizer of the OpenAI-API tests (fixtures: tok_dir, tok, hf_tok).
-from test_server import CONTEXT, Running, SlowTransformer, hf_tok, tiny_model, tok, tok_dir  # noqa: F401
+from conftest import tiny_model
+from test_server import CONTEXT, Running, SlowTransformer
 
 SYSTEM = "You are terse."
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok)
+def model():
+    return tiny_model(max_seq_len=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,9 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, tok, home):
-    slow = tiny_model(tok, SlowTransformer)
-    running = Running(create_app({"tiny": (model, tok, None), "slow": (slow, tok, None)}, ServerConfig(home=str(home), engine="torch")))
-    yield running
-    running.stop()
+    slow = tiny_model(cls=SlowTransformer, max_seq_len=CONTEXT)
+    with Running(create_app({"tiny": (model, tok, None), "slow": (slow, tok, None)}, ServerConfig(home=str(home), engine="torch"))) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_assistants_are_models(http, server, model, tok, hf_tok):
 
 
 def test_rate_limit_answers_429_with_retry_after(tok, home):
-    running = Running(create_app({"tiny": (tiny_model(tok), tok, None)}, ServerConfig(rate_limit=6, rate_burst=2, home=str(home))))
+    running = Running(create_app({"tiny": (tiny_model(max_seq_len=CONTEXT), tok, None)}, ServerConfig(rate_limit=6, rate_burst=2, home=str(home))))
     try:
         statuses = [httpx.get(running.url + "/v1/models").status_code for _ in range(3)]
         assert statuses == [200, 200, 429]
@@ -265,7 +265,7 @@ def test_token_bucket_refills_at_its_rate(monkeypatch):
 
 
 def test_keyed_server_opens_the_page_but_guards_the_api(tok, home):
-    running = Running(create_app({"tiny": (tiny_model(tok), tok, None)}, ServerConfig(api_key="sekret", home=str(home))))
+    running = Running(create_app({"tiny": (tiny_model(max_seq_len=CONTEXT), tok, None)}, ServerConfig(api_key="sekret", home=str(home))))
     try:
         assert httpx.get(running.url + "/").status_code == 200 and httpx.get(running.url + "/ui/app.js").status_code == 200
         error_of(httpx.get(running.url + "/api/conversations"), 401)
@@ -297,23 +297,18 @@ def test_a_client_that_leaves_leaves_a_partial_reply(http, home):
 
 
 SERVE = textwrap.dedent("""
-    import sys, time, torch
-    from llmos.model import Config, Transformer
+    import sys, torch
+    from conftest import tiny_model
     from llmos.server.app import create_app, listen, uvicorn_server
     from llmos.server.serving import ServerConfig
     from llmos.tokenizer import Tokenizer
-
-    class Slow(Transformer):
-        def forward(self, *args, **kwargs):
-            time.sleep(0.02)
-            return super().forward(*args, **kwargs)
+    from test_server import CONTEXT, SlowTransformer
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)  # the weights of test_server.tiny_model: greedy from "hi" runs 200 tokens
     tok = Tokenizer.from_hf_dir(sys.argv[1])
-    model = Slow(Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=256))
+    model = tiny_model(cls=SlowTransformer, max_seq_len=CONTEXT)  # the tests' tiny model: greedy from "hi" runs 200 tokens
     sock = listen("127.0.0.1", 0)
-    app = create_app({"slow": (model.eval(), tok, None)}, ServerConfig(home=sys.argv[2], engine="torch"))
+    app = create_app({"slow": (model, tok, None)}, ServerConfig(home=sys.argv[2], engine="torch"))
     print(sock.getsockname()[1], flush=True)
     uvicorn_server(app, log_level="warning").run(sockets=[sock])
 """)
@@ -322,7 +317,8 @@ SERVE = textwrap.dedent("""
 @pytest.mark.slow  # a fresh Python that imports torch: several seconds
 def test_a_killed_server_loses_no_conversation(tok_dir, tmp_path):
     """SIGKILL mid-reply: no handler runs, and the reply saved so far is in the file, marked partial."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).parent  # conftest and test_server import from here, llmos from the checkout above
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(tok_dir), str(tmp_path)],
                             stdout=subprocess.PIPE, env=env, text=True)
     try:

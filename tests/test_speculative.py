@@ -1,4 +1,4 @@
-"""Speculative decoding (llmos/speculative.py) on tiny random models built here.
+"""Speculative decoding (llmos/speculative.py) on conftest's tiny random models, in float64.
 
 References: the engine's plain loop and an argmax over full forwards (greedy must match token for
 token), and for sampling the target's exact next-token distributions, enumerated over every
@@ -17,24 +17,18 @@ from tokenizers import models
 
 from llmos.engine import Engine, SamplingParams, warp
 from llmos.errors import LlmosError
-from llmos.model import Config, Transformer
+from llmos.model import Transformer
 from llmos.speculative import Draft
 from llmos.tokenizer import Tokenizer
+from conftest import tiny_model, word_tokenizer
 
 torch.set_num_threads(1)
-
-
-def word_tokenizer(vocab: int, eos: int | None = None) -> Tokenizer:
-    hf = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    return Tokenizer(hf, eos_ids=[] if eos is None else [eos])
 
 
 def tiny(vocab: int, seed: int, layers: int = 2, sharpen: float = 1.0) -> Transformer:
     """float64, so that one forward over k+1 positions and k+1 forwards of one agree to the last bit
     that an argmax can see."""
-    torch.manual_seed(seed)
-    cfg = Config(vocab_size=vocab, dim=32, n_layers=layers, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=128)
-    model = Transformer(cfg).eval().double()
+    model = tiny_model(seed, vocab_size=vocab, n_layers=layers, max_seq_len=128).double()
     with torch.no_grad():
         model.head.weight *= sharpen
     return model

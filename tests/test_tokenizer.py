@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken
 
 from llmos.errors import LlmosError
 from llmos.tokenizer import Tokenizer, sentencepiece_fields
+from conftest import byte_bpe
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCABS = DATA / "tokenizers" / "ggml-vocab"
@@ -383,13 +384,10 @@ SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_hea
 
 
 def tiny_hf_dir(path: Path, template: str, **config) -> Path:
-    """A byte-level BPE trained here on a few lines, saved the way a Hugging Face repository ships it."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
+    """A byte-level BPE trained on a few lines with Llama 3's special tokens, saved the way a Hugging Face
+    repository ships it."""
     text = ["The quick brown fox jumps over the lazy dog.", "You are a helpful assistant.", "Hello, how are you?"]
-    hf.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = byte_bpe(text * 20, vocab_size=400, special=SPECIALS)
     path.mkdir(parents=True, exist_ok=True)
     hf.save(str(path / "tokenizer.json"))
     (path / "chat_template.jinja").write_text(template)

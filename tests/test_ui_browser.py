@@ -31,12 +31,12 @@ if CHROMIUM is None:
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from llmos.model import Config, Transformer  # noqa: E402
+from llmos.cli import main  # noqa: E402
+from llmos.model import Transformer  # noqa: E402
 from llmos.server.app import create_app  # noqa: E402
 from llmos.server.serving import ServerConfig  # noqa: E402
-from llmos.cli import main  # noqa: E402
-# The tiny model and tokenizer of the OpenAI-API tests (fixtures: tok_dir, tok).
-from test_server import CONTEXT, Running, tiny_model, tok, tok_dir  # noqa: E402, F401
+from conftest import tiny_config, tiny_model  # noqa: E402
+from test_server import CONTEXT, Running  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(os.environ.get("LLMOS_TEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
@@ -81,12 +81,10 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tok, home):
-    cfg = Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=1024)
-    models = {"slow": (tiny_model(tok, Slow), tok, None), "tiny": (tiny_model(tok), tok, None),
-              "scripted": (Scripted(cfg, tok.encode(SCRIPT), tok.eos_id).eval(), tok, None)}
-    running = Running(create_app(models, ServerConfig(home=str(home))))
-    yield running
-    running.stop()
+    models = {"slow": (tiny_model(cls=Slow, max_seq_len=CONTEXT), tok, None), "tiny": (tiny_model(max_seq_len=CONTEXT), tok, None),
+              "scripted": (Scripted(tiny_config(max_seq_len=1024), tok.encode(SCRIPT), tok.eos_id).eval(), tok, None)}
+    with Running(create_app(models, ServerConfig(home=str(home)))) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
