@@ -16,6 +16,7 @@ from llmos.formats import Checkpoint, hf
 from llmos.model import Config, Transformer
 from llmos.tokenizer import Tokenizer
 from llmos.train import chat_data as C
+from llmos.train import finetune as FT
 from llmos.train import lora as L
 from llmos.train import sft as S
 from llmos.train.tokenizer_train import CHATML, save, train_bpe
@@ -250,7 +251,7 @@ def test_packing_keeps_targets_exact(tok):
     rows = S.Rows(examples, T, batch=3, micro=3, packing=True, seed=1, pad_id=3)
     (x, y, docs), units = rows.next_step()[0]
     # Rebuild what each row should hold from the visiting order, independently of Rows._row.
-    order, i, expected = S.Order(len(examples), 1), 0, []
+    order, i, expected = FT.Order(len(examples), 1), 0, []
     for _ in range(3):
         ids, mask = [], []
         while len(ids) + len(examples[order(i)][0]) <= T + 1:
@@ -260,8 +261,8 @@ def test_packing_keeps_targets_exact(tok):
     for r, (ids, mask) in enumerate(expected):
         n = len(ids)
         assert x[r, :n].tolist() == ids[: x.shape[1]] and (x[r, n:] == 3).all()
-        assert y[r, : n - 1].tolist() == [t if m else S.IGNORE for t, m in zip(ids[1:], mask[1:])]
-        assert (y[r, n - 1 :] == S.IGNORE).all() and x.shape[1] <= T
+        assert y[r, : n - 1].tolist() == [t if m else FT.IGNORE for t, m in zip(ids[1:], mask[1:])]
+        assert (y[r, n - 1 :] == FT.IGNORE).all() and x.shape[1] <= T
     assert docs.shape == x.shape and docs[:, 0].tolist() == [0, 0, 0]
     unpacked = S.Rows(examples, T, batch=2, micro=1, packing=False, seed=1, pad_id=3)
     micros = unpacked.next_step()
@@ -288,9 +289,9 @@ def test_packed_loss_equals_the_conversations_alone(tok):
         crossing = S.token_loss(model, (batch[0], batch[1], None), "cpu")  # attention across conversations
         alone, n = 0.0, 0
         for i in range(rows.cursor):  # each conversation of the step in a forward pass of its own
-            ids, mask = (torch.tensor(v) for v in examples[S.Order(len(examples), 1)(i)])
-            y = ids[1:].masked_fill(mask[1:] == 0, S.IGNORE)
-            alone += torch.nn.functional.cross_entropy(model(ids[None, :-1])[0], y, ignore_index=S.IGNORE,
+            ids, mask = (torch.tensor(v) for v in examples[FT.Order(len(examples), 1)(i)])
+            y = ids[1:].masked_fill(mask[1:] == 0, FT.IGNORE)
+            alone += torch.nn.functional.cross_entropy(model(ids[None, :-1])[0], y, ignore_index=FT.IGNORE,
                                                        reduction="sum")
             n += int(mask[1:].sum())
     assert n == units and abs(packed.item() - alone.item()) < 1e-4 * n

@@ -228,7 +228,7 @@ def test_resume_with_another_config_is_refused(corpus, tmp_path):
         P.pretrain(config(corpus, tmp_path / "run", lr=0.02))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(LlmosError, match="holds no pretraining run"):
+    with pytest.raises(LlmosError, match="holds no unfinished pretraining run"):
         P.pretrain(config(corpus, tmp_path / "other"))
 
 

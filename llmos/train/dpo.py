@@ -38,19 +38,27 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
+from llmos.options import defaults, option, run_main
 from llmos.train import chat_data as C
 from llmos.train import lora as L
+from llmos.train.finetune import (IGNORE, FinetuneConfig, Order, add_lora, check, eos_ids, finetune, load_base, pad_id,
+                                  pad_rows, row_tokens, split)
 from llmos.train.loop import log
-from llmos.options import option, run_main
-from llmos.train.sft import IGNORE, FinetuneConfig, Order, add_lora, check, finetune, load_base, pad_rows, split
 
 
 @dataclass
-class DPOConfig(FinetuneConfig):
-    val_fraction: float = option(0.1, "fraction of the pairs held out for validation (at least one when > 0)")
-    batch_size: int = option(8, "pairs per optimizer step")
-    micro_batch: int = option(0, "pairs per forward pass (0 = batch_size); gradients accumulate over the rest")
-    seq_len: int = option(512, "longest prompt + response in tokens (0 = the model's context); longer ones are cut")
+@defaults(val_fraction=0.1, seq_len=512, help={
+    "data": "preference pairs: a JSON or JSONL file (hh-rlhf, ShareGPT chosen/rejected or prompt/chosen/rejected)",
+    "val_fraction": "fraction of the pairs held out for validation (at least one when > 0)",
+    "batch_size": "pairs per optimizer step",
+    "micro_batch": "pairs per forward pass (0 = batch_size); gradients accumulate over the rest",
+    "seq_len": "longest prompt + response in tokens (0 = the model's context); longer ones are cut"})
+class PairConfig(FinetuneConfig):
+    """The options of the stages that learn from preference pairs: DPO and the reward model."""
+
+
+@dataclass
+class DPOConfig(PairConfig):
     beta: float = option(0.1, "DPO temperature: how far the policy may move from the reference")
 
 
@@ -129,10 +137,9 @@ def dpo(cfg: DPOConfig) -> dict:
     model, tok, ckpt, device = load_base(cfg)
     reference = None if cfg.lora else copy.deepcopy(model).eval().requires_grad_(False)
     add_lora(model, cfg)
-    T = min(cfg.seq_len or ckpt.config.max_seq_len, ckpt.config.max_seq_len)
+    T = row_tokens(cfg, ckpt)
     train, val = tokenize_pairs(cfg, tok, T, train, val)
-    micro = cfg.micro_batch or cfg.batch_size
-    pad = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
+    micro, pad = cfg.micro_batch or cfg.batch_size, pad_id(tok)
     log(0, f"{len(train)} training and {len(val)} held-out pairs from {cfg.data}; beta {cfg.beta}")
     ref_cache = {}  # (split, index) → (log ref(chosen), log ref(rejected))
 
@@ -168,10 +175,8 @@ def dpo(cfg: DPOConfig) -> dict:
                 sums[k] += v.float().sum().item()
         return {k: v / len(val) for k, v in sums.items()}
 
-    eos = list(ckpt.meta.get("eos_token_ids") or tok.eos_ids)
-    eos += [i for i in C.end_of_turn_ids(tok, [p[0] for p in train[:50]]) if i not in eos]
     return finetune(cfg, "dpo", model, tok, ckpt, device, Pairs(len(train), cfg.batch_size, micro, cfg.seed),
-                    step_loss, validate, (1e-6, 1e-5), eos)
+                    step_loss, validate, (1e-6, 1e-5), eos_ids(tok, ckpt, [p[0] for p in train[:50]]))
 
 
 def main(argv=None) -> int:

@@ -27,25 +27,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors.torch import load_file, save_file
+
 from llmos import loader
 from llmos.errors import LlmosError
+from llmos.options import run_main
 from llmos.train import chat_data as C
+from llmos.train.dpo import PairConfig, Pairs, tokenize_pairs
+from llmos.train.finetune import add_lora, check, eos_ids, finetune, load_base, pad_id, row_tokens, split
 from llmos.train.loop import log
-from llmos.options import option, run_main
-from llmos.train.dpo import Pairs, tokenize_pairs
-from llmos.train.sft import FinetuneConfig, add_lora, check, finetune, load_base, split
-from safetensors.torch import save_file
-from safetensors.torch import load_file
 
 HEAD_FILE = "reward_head.safetensors"
 
 
 @dataclass
-class RewardConfig(FinetuneConfig):
-    val_fraction: float = option(0.1, "fraction of the pairs held out for validation (at least one when > 0)")
-    batch_size: int = option(8, "pairs per optimizer step")
-    micro_batch: int = option(0, "pairs per forward pass (0 = batch_size); gradients accumulate over the rest")
-    seq_len: int = option(512, "longest prompt + response in tokens (0 = the model's context); longer ones are cut")
+class RewardConfig(PairConfig):
+    """DPO's options without beta."""
 
 
 def new_head(dim: int) -> nn.Linear:
@@ -85,10 +82,9 @@ def reward(cfg: RewardConfig) -> dict:
     add_lora(model, cfg)
     torch.manual_seed(cfg.seed)
     head = new_head(ckpt.config.dim).to(device)
-    T = min(cfg.seq_len or ckpt.config.max_seq_len, ckpt.config.max_seq_len)
+    T = row_tokens(cfg, ckpt)
     train, val = tokenize_pairs(cfg, tok, T, train, val)
-    micro = cfg.micro_batch or cfg.batch_size
-    pad = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
+    micro, pad = cfg.micro_batch or cfg.batch_size, pad_id(tok)
     log(0, f"{len(train)} training and {len(val)} held-out pairs from {cfg.data}")
 
     def scores(rows, indices):
@@ -115,9 +111,8 @@ def reward(cfg: RewardConfig) -> dict:
         save_file({k: v.detach().cpu().float().contiguous() for k, v in head.state_dict().items()},
                   directory / HEAD_FILE)
 
-    eos = list(ckpt.meta.get("eos_token_ids") or tok.eos_ids)
     return finetune(cfg, "reward", model, tok, ckpt, device, Pairs(len(train), cfg.batch_size, micro, cfg.seed),
-                    step_loss, validate, (1e-5, 1e-4), eos, extra={"head": head}, extra_files=write_head)
+                    step_loss, validate, (1e-5, 1e-4), eos_ids(tok, ckpt), extra={"head": head}, extra_files=write_head)
 
 
 # ----------------------------------------------------------------------------
