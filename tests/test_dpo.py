@@ -142,7 +142,7 @@ def test_real_preference_files():
 
 def config(cls, model_dir, data, out, **kw):
     base = dict(model=str(model_dir), data=str(data), out=str(out), steps=8, batch_size=4, micro_batch=2,
-                seq_len=64, lr=5e-3, warmup_steps=1, eval_every=0, save_every=0, val_fraction=0.2,
+                seq_len=64, lora=False, lr=5e-3, warmup_steps=1, eval_every=0, save_every=0, val_fraction=0.2,
                 progress=False, device="cpu")
     return cls(**{**base, **kw})
 

@@ -38,6 +38,7 @@ from llmos.options import add_flags
 from llmos.sampling import SamplingParams
 from llmos.server.config import ServerConfig
 from llmos.speculative import Draft
+from llmos.train.finetune import FinetuneConfig, row_tokens
 from llmos import bench
 
 # ----------------------------------------------------------------------------
@@ -288,10 +289,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fit", help="predict the memory a model needs and whether it fits this machine")
     s.add_argument("model", nargs="?", metavar="MODEL", help="a model name or path, or a size: 135m, 1.1b, 7b, 13b, 30b, 70b, 175b")
-    s.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096)")
+    s.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096; with --train, "
+                   "the fine-tuning stages' --seq-len)")
     s.add_argument("--quant", choices=["f32", "f16", "bf16", "int8", "int4"], help="precision (default: as stored, f32 for quantized GGUF)")
-    s.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
-    s.add_argument("--train", choices=["none", "full", "lora"], default="none", help="plan training instead of inference")
+    s.add_argument("--batch", type=int, help="sequences at once (default 1; with --train, the fine-tuning stages' --micro-batch)")
+    s.add_argument("--train", choices=["none", "full", "lora"], default="none",
+                   help="plan training instead of inference: llmos train sft's defaults (float32; LoRA at its --lora-rank)")
     s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
     s.add_argument("--engine", choices=ENGINES, default="auto",
                    help="plan the fast C++ decoder (one sequence, what llmos run uses) or the PyTorch model (batches, training); auto: as llmos run would")
@@ -396,7 +399,13 @@ def cmd_fit(args) -> int:
         return 0
     if args.model is None:
         raise LlmosError("name a model (a file, a directory, a name, or a size like 7b), or pass --table")
-    p, src = planner.fit(args.model, args.quant, args.ctx, args.batch, args.train, args.group_size, args.engine)
+    src, ctx, batch, rank = planner.source(args.model), args.ctx, args.batch, 0
+    if args.train != "none":  # plan what the fine-tuning stages run with unless told otherwise: one set of defaults
+        tune = FinetuneConfig()
+        ctx = row_tokens(tune, src.config) if ctx is None else ctx
+        batch, rank = tune.micro_batch or tune.batch_size if batch is None else batch, tune.lora_rank
+    batch = 1 if batch is None else batch
+    p, src = planner.fit(src, args.quant, ctx, batch, args.train, args.group_size, args.engine, lora_rank=rank)
     here = planner.machine()
     if args.json:
         print(json.dumps({**p, "machine": here, "advice": planner.advice(p, src, here)}, indent=2))

@@ -20,39 +20,44 @@ from __future__ import annotations
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmos import loader
+from llmos import loader, planner
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint
 from llmos.options import defaults, option
 from llmos.train import chat_data as C
 from llmos.train import lora as L
 from llmos.train.loop import (RUN_CONTROL, TrainConfig, check_run, device_kind, end_step, finished_before, load_state,
-                              log, lr_factor, progress_bar, restore, save_state, steps_in_budget, write_model,
-                              write_report)
+                              log, lr_factor, memory_verdict, progress_bar, restore, save_state, steps_in_budget,
+                              write_model, write_report)
 
 CALIBRATE = 5  # steps timed before a --minutes run fixes its length
 IGNORE = -100  # the target of a token that is not trained on
 
 
+# The defaults are recipes/sft.toml's values as measured (bench/stages.py: the bundled SmolLM2-135M learned a
+# name from identity.json in 40 steps, 19 of 20 unseen paraphrases answered with it): LoRA of rank 16 on every
+# linear layer, rows of 512 tokens, 4 per step in micro-batches of 2. `llmos fit MODEL --train lora|full` plans
+# these same numbers.
 @dataclass
-@defaults(val_fraction=0.05, batch_size=8, seq_len=1024, lr=0.0, warmup_steps=10, weight_decay=0.0, eval_every=50,
-          save_every=100, help={
+@defaults(val_fraction=0.05, batch_size=4, micro_batch=2, seq_len=512, lr=0.0, warmup_steps=5, weight_decay=0.0,
+          eval_every=20, save_every=20, help={
               "val_fraction": "fraction of the rows held out for validation (at least one row when > 0)",
+              "micro_batch": "rows per forward pass (0 = batch_size); gradients accumulate over the rest",
               "seq_len": "longest sequence in tokens (0 = the model's context); longer ones are cut",
               "lr": "peak learning rate (0 = the stage's default for full or LoRA training)",
               "eval_every": "steps between validation passes (0 = only before and after)"})
 class FinetuneConfig(TrainConfig):
     model: str = option("default", "model to start from: a name or path llmos loads (default: the bundled SmolLM2)")
-    lora: bool = option(False, "train low-rank adapters instead of all weights; merged into the weights on save")
-    lora_rank: int = option(8, "rank of the adapters")
-    lora_alpha: float = option(16.0, "adapter scale numerator: the update is B @ A * alpha / rank")
-    lora_dropout: float = option(0.0, "dropout on the adapters' input")
+    lora: bool = option(True, "train low-rank adapters (--no-lora: all weights); merged into the weights on save")
+    lora_rank: int = option(16, "rank of the adapters")
+    lora_alpha: float = option(32.0, "adapter scale numerator: the update is B @ A * alpha / rank")
+    lora_dropout: float = option(0.05, "dropout on the adapters' input")
     lora_targets: str = option(L.DEFAULT_TARGETS, "linear layers to adapt, by name")
     dtype: str = option("f32", "dtype of the written weights: f32, f16 or bf16")
 
@@ -98,9 +103,9 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids[:, :-1], y
 
 
-def row_tokens(cfg: FinetuneConfig, ckpt) -> int:
+def row_tokens(cfg: FinetuneConfig, model_config) -> int:
     """The longest row a run trains on: --seq-len cut to the model's context (0: the whole context)."""
-    return min(cfg.seq_len or ckpt.config.max_seq_len, ckpt.config.max_seq_len)
+    return min(cfg.seq_len or model_config.max_seq_len, model_config.max_seq_len)
 
 
 def pad_id(tok) -> int:
@@ -128,8 +133,48 @@ def check(cfg: FinetuneConfig) -> None:
     device_kind(cfg.device)
 
 
-def load_base(cfg: FinetuneConfig):
-    """(model, tokenizer, checkpoint, device): float32 weights on the device."""
+def memory_plan(cfg: FinetuneConfig, src: planner.Source, rows: int = 1) -> tuple[dict, str]:
+    """(plan, the `llmos fit` command that prints it) of a fine-tuning run: float32 weights, rows of row_tokens,
+    micro_batch x `rows` sequences per forward pass (a preference pair is two), LoRA or all weights trained."""
+    T, batch = row_tokens(cfg, src.config), (cfg.micro_batch or cfg.batch_size) * rows
+    mode = "lora" if cfg.lora else "full"
+    p, _ = planner.fit(src, "f32", T, batch, mode, engine="torch", lora_rank=cfg.lora_rank)
+    return p, f"llmos fit {cfg.model} --train {mode} --ctx {T} --batch {batch}"
+
+
+def check_memory(cfg: FinetuneConfig, rows: int = 1, reference: bool = False) -> None:
+    """Print the run's memory plan before anything is loaded, and refuse a run that would not fit here, naming the
+    flag that would (--lora, --micro-batch 1, a shorter --seq-len). reference: a frozen float32 copy of the
+    starting weights is kept beside the model (DPO without LoRA)."""
+    src = planner.source(cfg.model)
+
+    def need(c) -> int:
+        return memory_plan(c, src, rows)[0]["peak"] + (planner.weight_bytes(src.config, "f32") if reference and not c.lora else 0)
+
+    p, command = memory_plan(cfg, src, rows)
+    micro, T = cfg.micro_batch or cfg.batch_size, row_tokens(cfg, src.config)
+    shorter = [T >> k for k in range(1, 8) if T >> k >= 64]
+    tries = [(["--lora"], replace(cfg, lora=True))] if not cfg.lora else []
+    tries += [(["--micro-batch 1"], replace(cfg, micro_batch=1))] if micro > 1 else []
+    tries += [([f"--seq-len {n}"], replace(cfg, seq_len=n)) for n in shorter]
+    both = [flags[0] for flags, _ in tries[: len(tries) - len(shorter)]]
+    if len(both) == 2 or (both and shorter):  # then together: LoRA, one row at a time, shorter rows
+        least = replace(cfg, lora=True, micro_batch=1)
+        tries += [(both, least)] + [(both + [f"--seq-len {n}"], replace(least, seq_len=n)) for n in shorter]
+    lines = planner.report(p, src)
+    if reference and not cfg.lora:
+        lines.insert(-1, f"{'reference':<13} {planner.gb(planner.weight_bytes(src.config, 'f32')):>10}   "
+                         "a frozen float32 copy of the starting weights (not in llmos fit's plan)")
+    why = memory_verdict(f"memory plan, as `{command}` makes it:", lines, need(cfg),
+                         torch.device(device_kind(cfg.device)), [(" ".join(f), need(c)) for f, c in tries])
+    if why:
+        raise LlmosError(why)
+
+
+def load_base(cfg: FinetuneConfig, rows: int = 1, reference: bool = False):
+    """(model, tokenizer, checkpoint, device): float32 weights on the device, once check_memory has printed the
+    plan and found that it fits."""
+    check_memory(cfg, rows, reference)
     device = torch.device(device_kind(cfg.device))
     r = loader.load(cfg.model, "torch", device.type, precision="f32", tokenizer=False)
     model, tok, ckpt = r.model, r.tokenizer, r.checkpoint

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from llmos import planner
 from llmos.errors import LlmosError
 from llmos.files import atomic_write
 from llmos.formats import Checkpoint, hf
@@ -31,8 +32,8 @@ from llmos.options import option
 @dataclass
 class TrainConfig:
     """The data, the length of the run, the batch, the schedule and run control: fields shared by every training
-    stage's config (flags = recipe keys). The defaults are pretraining's measured recipe; the fine-tuning stages
-    set their own with options.defaults, so each stage's defaults are its best measured run."""
+    stage's config (flags = recipe keys). The defaults are pretraining's best measured run (see PretrainConfig);
+    the fine-tuning stages set their own with options.defaults, so each stage's defaults are its best run."""
     EXCLUSIVE = [("steps", "minutes")]  # a flag for one replaces a recipe's other
     data: str = option("", "training data")
     out: str = option("", "output directory: the model, trainer_state.pt, summary.json, loss.png")
@@ -40,22 +41,22 @@ class TrainConfig:
     steps: int = option(0, "optimizer steps (or give --minutes)")
     minutes: float = option(0.0, "time budget in minutes instead of --steps")
     # the batch: rows of seq_len tokens
-    batch_size: int = option(32, "rows per optimizer step, all ranks and micro-batches together")
+    batch_size: int = option(16, "rows per optimizer step, all ranks and micro-batches together")
     micro_batch: int = option(0, "rows per forward pass on each rank (0 = batch_size / ranks); gradients "
                                  "accumulate over the rest")
-    seq_len: int = option(0, "tokens per row")
+    seq_len: int = option(256, "tokens per row")
     # the schedule
     lr: float = option(3e-3, "peak learning rate")
     schedule: str = option("cosine", "cosine, or wsd (warmup-stable-decay, linear decay over decay_frac)")
-    warmup_steps: int = option(20, "linear warmup steps")
+    warmup_steps: int = option(50, "linear warmup steps")
     decay_frac: float = option(0.2, "fraction of the run spent decaying, for wsd")
     min_lr_frac: float = option(0.1, "final learning rate as a fraction of the peak")
     weight_decay: float = option(0.1, "AdamW weight decay of matrices")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
     seed: int = option(0, "seed of the initialization, the held-out split and the data order")
     # run control: may change on resume (RUN_CONTROL)
-    eval_every: int = option(100, "steps between validation passes (0 = only at the end)")
-    save_every: int = option(200, "steps between checkpoints (0 = only at the end)")
+    eval_every: int = option(250, "steps between validation passes (0 = only at the end)")
+    save_every: int = option(500, "steps between checkpoints (0 = only at the end)")
     stop_at: int = option(0, "pause after this step, checkpointed; run again without it to continue")
     device: str = option("auto", "cpu, cuda or auto")
     progress: bool = option(True, "show a progress bar on stderr")
@@ -88,6 +89,33 @@ def lr_factor(step: int, total: int | None, cfg: TrainConfig) -> float:
         return 1 - (1 - cfg.min_lr_frac) * progress
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------
+# Memory: every run prints its plan (llmos/planner.py) before it starts, and does not start when it cannot fit
+
+
+def memory_verdict(title: str, lines: list[str], need: int, device, tries, rank: int = 0) -> str | None:
+    """Print a run's memory plan (`lines`, as `llmos fit` prints them) and whether `need` bytes fit in what this
+    machine has free: RAM, or the GPU's memory for a CUDA device. None when it fits, else the one-line reason,
+    naming the first of `tries`, [(flags, bytes the run would need with them)], that would fit."""
+    here = planner.machine()
+    gpus = here["gpus"]
+    if device.type == "cuda" and gpus:
+        where, free = "GPU memory", gpus[min(device.index or 0, len(gpus) - 1)]["free"]
+    else:
+        where, free = "RAM", here["ram_available"]
+    log(rank, title)
+    for line in lines:
+        log(rank, "  " + line)
+    log(rank, f"  {'fits' if need <= free else 'does not fit'} in {where}: {planner.gb(need)} needed, "
+              f"{planner.gb(free)} available")
+    if need <= free:
+        return None
+    fix = next((flags for flags, n in tries if n <= free), None)
+    return (f"this run needs {planner.gb(need)} and {planner.gb(free)} of {where} is available here; "
+            + (f"pass {fix} to make it fit" if fix else "nothing these flags can change makes it fit: free memory, "
+               "or train a smaller model"))
 
 
 # ----------------------------------------------------------------------------

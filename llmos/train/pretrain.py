@@ -1,8 +1,13 @@
 """Stage 1: pretrain a model from scratch on a text corpus.
 
-    llmos train pretrain --data corpus.txt --out DIR [--tokenizer DIR] [--depth 4] [--steps 2000 | --minutes 10]
+    llmos train pretrain --data corpus.txt --out DIR (--steps 2000 | --minutes 10) [--tokenizer DIR] [--depth 3]
     llmos train pretrain --recipe recipes/pretrain_tiny.toml --data ../shared/data/corpora/tinyshakespeare.txt --out runs/tiny
     torchrun --standalone --nproc_per_node 2 -m llmos.train.pretrain --data corpus.txt --out DIR --steps 2000 [--fsdp]
+
+With no other flag it runs the best measured recipe (PretrainConfig below): depth 3, a 2,048-token
+vocabulary, rows of 256 tokens, 16 per step. Before building the model it prints the memory plan
+(llmos/planner.py, as `llmos fit` makes it) and refuses a run that would not fit here, naming the flag
+that would (--micro-batch, --seq-len, --depth).
 
 DIR becomes a Hugging Face model directory that `llmos run DIR` chats with, and also
 holds trainer_state.pt (model, optimizer, step, random states, data position, config),
@@ -12,7 +17,8 @@ Running the same command on an unfinished DIR resumes it exactly, after kill -9 
 
 Decisions:
 - One dial: --depth sets n_layers = depth, dim = 64 * depth (--aspect-ratio), heads of 64
-  channels, SwiGLU hidden = 8/3 dim rounded up to 32, context 128 * depth (at most 2048).
+  channels, SwiGLU hidden = 8/3 dim rounded up to 32; --seq-len 0 makes the context 128 * depth
+  (at most 2048).
 - --minutes M: the first CALIBRATE steps, then one validation pass, are timed; that fixes
   the total number of steps (saved, so a resume keeps it) and the cosine or WSD decay ends
   on time. A run still going at 1.1 M minutes stops there.
@@ -33,6 +39,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -44,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llmos import planner
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint
 from llmos.model import Config, Transformer
@@ -51,15 +59,19 @@ from llmos.options import defaults, option, run_main
 from llmos.tokenizer import Tokenizer
 from llmos.train import data as D
 from llmos.train.loop import (RUN_CONTROL, TrainConfig, check_run, end_step, finished_before, load_state, log,
-                              lr_factor, on_all_ranks, progress_bar, rank0_first, restore, save_state,
+                              lr_factor, memory_verdict, on_all_ranks, progress_bar, rank0_first, restore, save_state,
                               start_distributed, steps_in_budget, write_model, write_report)
 from llmos.train.tokenizer_train import TokenizerConfig, save, train_bpe
 
 CALIBRATE = 10  # steps timed before a --minutes run fixes its length
 
 
+# The defaults are the best of bench/pretrain_sweep.py on tinyshakespeare at equal wall-clock on a 2-core CPU
+# (bench/results/pretrain_sweep_*.json): depth 3 (1.7 M parameters), a 2,048-token vocabulary, rows of 256
+# tokens, 16 per step, peak lr 3e-3 after 50 warmup steps, cosine decay: 2.548 held-out bits per byte in
+# 2 minutes, 2.120 in 10, against 2.780 and 2.335 at depth 4. The smaller model wins by taking more steps.
 @dataclass
-@defaults(help={"data": D.CORPUS_HELP,
+@defaults(vocab_size=2048, help={"data": D.CORPUS_HELP,
                 "vocab_size": "vocabulary of the tokenizer trained when --tokenizer is not given",
                 "seq_len": "context length trained on (0 = 128 * depth, at most 2048)",
                 "weight_decay": "AdamW decay of matrices (never of norms or embeddings)"})
@@ -67,7 +79,7 @@ class PretrainConfig(TrainConfig, TokenizerConfig):
     """TrainConfig's options, `llmos train tokenizer`'s for the tokenizer trained when none is given, and the model's."""
     tokenizer: str = option("", "tokenizer directory (tokenizer.json); default: train one on the training split")
     # the model: one dial
-    depth: int = option(4, "layers; also sets width, heads and context")
+    depth: int = option(3, "layers; also sets width and heads")
     aspect_ratio: int = option(64, "width = aspect_ratio * depth")
     head_dim: int = option(64, "channels per attention head")
     kv_heads: int = option(0, "key-value heads (0 = one per query head)")
@@ -173,6 +185,7 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
         raise LlmosError(f"batch_size {cfg.batch_size} is not micro_batch {micro} x {world} ranks x a whole number "
                          "of accumulation steps; change --batch-size or --micro-batch")
     T = mcfg.max_seq_len
+    check_memory(cfg, mcfg, micro, world, device, rank)
 
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     sharded = cfg.fsdp and world > 1
@@ -265,6 +278,32 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
         write_report(out, summary, history["train_loss"], history["val"], "pretraining",
                      f"last: {last_val[2]:.3f} bits per byte" if history["val"] else "")
     return summary
+
+
+def check_memory(cfg: PretrainConfig, mcfg: Config, micro: int, world: int, device, rank: int) -> None:
+    """Print the run's memory plan (llmos/planner.py: float32 weights, gradients, AdamW, activations of `micro`
+    rows) before the model is built, and refuse a run that would not fit, naming a flag that would make it fit.
+    Processes on one CPU machine (torchrun) each hold a whole plan; under --fsdp it is an overestimate."""
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+
+    def need(micro_batch: int, seq_len: int, depth: int) -> float:
+        try:
+            c = model_config(replace(cfg, seq_len=seq_len, depth=depth), mcfg.vocab_size)
+        except LlmosError:  # no valid model at that depth: never suggested
+            return math.inf
+        return planner.plan(c, "f32", c.max_seq_len, micro_batch, "full")["peak"] * procs
+
+    T = mcfg.max_seq_len
+    tries = [(f"--micro-batch {m}", need(m, T, cfg.depth)) for m in sorted({micro // 2, micro // 4, 1}, reverse=True)
+             if 1 <= m < micro and cfg.batch_size % (m * world) == 0]
+    tries += [(f"--seq-len {n}", need(micro, n, cfg.depth)) for n in (T // 2, T // 4) if n >= 32]
+    tries += [(f"--depth {d}", need(micro, cfg.seq_len, d)) for d in range(cfg.depth - 1, 0, -1)]
+    p = planner.plan(mcfg, "f32", T, micro, "full")
+    src = planner.Source(f"depth {cfg.depth}", mcfg, "size")
+    why = memory_verdict("memory plan, as llmos fit makes it" + (f" (x {procs} processes)" if procs > 1 else "") + ":",
+                         planner.report(p, src), p["peak"] * procs, device, tries, rank)
+    if on_all_ranks(why is not None, world, device):  # every rank stops, as rank 0 decides
+        raise LlmosError(why or "rank 0 found that this run does not fit in memory; see its message")
 
 
 def shard(model: Transformer, device, world: int) -> None:

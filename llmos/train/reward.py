@@ -1,13 +1,14 @@
 """Stage 3, the RLHF way: a reward model that scores a response, trained on preference pairs.
 
-    llmos train reward --model MODEL --data pairs.jsonl.gz --out DIR [--lora] [--steps N | --minutes M]
+    llmos train reward --data pairs.jsonl.gz --out DIR (--steps N | --minutes M) [--model MODEL] [--no-lora]
     python -m llmos.train.reward ...   (the same flags)
 
 The reward model is the language model with a scalar head on the final hidden state of the
 conversation's last token: r = w · h_last + b. Trained with the Bradley-Terry loss
 -log σ(r(chosen) - r(rejected)) (Ouyang et al. 2022), it reports on held-out pairs the accuracy
 (chosen scored above rejected) and the mean margin r(chosen) - r(rejected), before the first step
-and every --eval-every steps. The data formats are those of `llmos train dpo` (chat_data.py).
+and every --eval-every steps. The data formats and the defaults are those of `llmos train dpo` (LoRA of
+rank 16, pairs of 512 tokens, 8 per step in micro-batches of 2), and so is the memory plan printed first.
 
 DIR holds the language model (adapters merged; a Hugging Face directory) and reward_head.safetensors
 (weight [1, dim], bias [1]); `load_reward_model(DIR)` and `score(...)` give rewards to RL and the arena.
@@ -78,11 +79,11 @@ def rows_tensor(rows: list[list[int]], pad_id: int, device):
 def reward(cfg: RewardConfig) -> dict:
     check(cfg)
     train, val = split(C.load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
-    model, tok, ckpt, device = load_base(cfg)
+    model, tok, ckpt, device = load_base(cfg, rows=2)
     add_lora(model, cfg)
     torch.manual_seed(cfg.seed)
     head = new_head(ckpt.config.dim).to(device)
-    T = row_tokens(cfg, ckpt)
+    T = row_tokens(cfg, ckpt.config)
     train, val = tokenize_pairs(cfg, tok, T, train, val)
     micro, pad = cfg.micro_batch or cfg.batch_size, pad_id(tok)
     log(0, f"{len(train)} training and {len(val)} held-out pairs from {cfg.data}")

@@ -1,8 +1,13 @@
 """Stage 2: supervised fine-tuning: a model learns to answer like the assistant turns of a conversation file.
 
-    llmos train sft --model MODEL --data conversations.json --out DIR [--lora] [--steps N | --minutes M]
-    llmos train sft --recipe recipes/sft.toml --data ../shared/data/sft/identity.json --fill 'name=Ada,author=Ada Lab' --out runs/sft
+    llmos train sft --data conversations.json --out DIR (--steps N | --minutes M) [--model MODEL] [--no-lora]
+    llmos train sft --data ../shared/data/sft/identity.json --fill 'name=Ada,author=Ada Lab' --steps 40 --out runs/sft
     python -m llmos.train.sft ...   (the same flags)
+
+With no other flag it runs the best recipe measured (recipes/sft.toml; llmos/train/finetune.py has the
+numbers): LoRA of rank 16 on the bundled SmolLM2-135M, rows of 512 tokens, 4 per step in micro-batches
+of 2. Before loading the model it prints the memory plan `llmos fit MODEL --train lora` makes for the
+run, and refuses a run that would not fit here, naming the flag that would (--micro-batch 1, --seq-len N).
 
 MODEL is any name llmos loads (the bundled SmolLM2 GGUF by default, an HF directory, a .gguf file, ...).
 The data is alpaca, ShareGPT or OpenAI-messages JSON/JSONL (llmos/train/chat_data.py). DIR becomes a
@@ -21,9 +26,10 @@ Decisions:
   packing). --no-packing puts one conversation per row, right-padded.
 - The loss is the mean over every assistant token of the step (all micro-batches together), so
   micro-batching and packing do not change the weight of a token.
-- --lora wraps the linear layers named by --lora-targets (llmos/train/lora.py); the adapters are merged
-  into the weights when the model is written. --lr 0 (the default) means 2e-5 for full fine-tuning and
-  2e-4 for LoRA; held-out loss is measured before the first step and every --eval-every steps.
+- LoRA (on by default; --no-lora trains every weight) wraps the linear layers named by --lora-targets
+  (llmos/train/lora.py); the adapters are merged into the weights when the model is written. --lr 0 (the
+  default) means 1e-3 for LoRA (measured: recipes/sft.toml) and 2e-5 for full fine-tuning; held-out loss
+  is measured before the first step and every --eval-every steps.
 - `{{name}}`-style placeholders in the data are filled from --fill 'name=Ada,author=Ada Lab'.
 
 The loop, checkpoints and resume are llmos/train/finetune.py's, shared with `llmos train dpo` and `reward`.
@@ -129,7 +135,7 @@ def sft(cfg: SFTConfig) -> dict:
     train, val = split(conversations, cfg.val_fraction, cfg.seed)
     model, tok, ckpt, device = load_base(cfg)
     add_lora(model, cfg)
-    T = row_tokens(cfg, ckpt)
+    T = row_tokens(cfg, ckpt.config)
     train, dropped = tokenize_conversations(tok, train, T)
     val, _ = tokenize_conversations(tok, val, T)
     if not train:
@@ -154,7 +160,7 @@ def sft(cfg: SFTConfig) -> dict:
         return {"val_loss": nats / max(n, 1)}
 
     batches = Rows(train, T, cfg.batch_size, micro, cfg.packing, cfg.seed, pad)
-    return finetune(cfg, "sft", model, tok, ckpt, device, batches, step_loss, validate, (2e-5, 2e-4),
+    return finetune(cfg, "sft", model, tok, ckpt, device, batches, step_loss, validate, (2e-5, 1e-3),
                     eos_ids(tok, ckpt, train))
 
 
