@@ -37,7 +37,8 @@ Training (full): weights and gradients in the float dtype, AdamW's two float32 s
 activations autograd keeps, about 14 x dim + 4 x kv_dim + 4 x hidden values per layer per token
 (norms, q/k/v, rope, attention, MLP) plus the logits three times (logits, log-softmax, gradient).
 LoRA: the frozen base at --quant, adapters of the given rank on every linear layer of the blocks
-(each parameter with its gradient and AdamW states), and the same activations. `llmos fit --train`
+(each parameter with its gradient and AdamW states), and the same activations, plus, with dropout on
+the adapters, the dropped-out copy of every adapted layer's input and its mask. `llmos fit --train`
 plans the fine-tuning stages' defaults (llmos.train.finetune: float32, their sequence length,
 micro-batch and LoRA rank), and every training stage prints this plan before its first step.
 
@@ -317,9 +318,10 @@ BLOCK_PRECISION = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4
 
 
 def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: int = 1, train: str = "none",
-         prompt: int | None = None, group_size: int = 32, engine: str = "torch", lora_rank: int = 0) -> dict:
+         prompt: int | None = None, group_size: int = 32, engine: str = "torch", lora_rank: int = 0,
+         lora_dropout: float = 0.0) -> dict:
     """Bytes of every part and the peak, for inference (train="none") or training ("full", "lora" with adapters
-    of lora_rank). prompt: tokens of the prefill (default: the whole context, the worst case). engine: "torch"
+    of lora_rank, whose dropout keeps a copy of each input). prompt: tokens of the prefill (default: the whole context, the worst case). engine: "torch"
     (the model; batches; training) or "fast" (the C++ decoder, one sequence at a time)."""
     src = cfg_or_source if isinstance(cfg_or_source, Source) else Source("model", cfg_or_source, "size")
     cfg = src.config
@@ -348,6 +350,8 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
         parts["gradients"] = trained * tb
         parts["optimizer"] = trained * 8  # AdamW: exp_avg and exp_avg_sq in float32
         per_token = cfg.n_layers * (14 * cfg.dim + 4 * cfg.n_kv_heads * cfg.head_dim + 4 * cfg.hidden_dim) * b
+        if train == "lora" and lora_dropout > 0:  # each adapter keeps its dropped-out input and the mask (1 B)
+            per_token += sum(i for _, i, _ in linear_shapes(cfg)) * (b + 1)
         parts["activations"] = batch * ctx * (per_token + cfg.vocab_size * (b + 8))
     stored = False
     if engine == "fast":
@@ -372,7 +376,7 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
     return {"model": src.name, "params": cfg.num_params(), "precision": precision, "group_size": group_size
             if precision == "int4" else None, "ctx": ctx, "batch": batch, "train": train, "prompt": prompt or ctx,
             "source": src.format, "engine": engine, "stored_blocks": src.blocks if stored else None,
-            "lora_rank": lora_rank, **parts,
+            "lora_rank": lora_rank, "lora_dropout": lora_dropout, **parts,
             "running": running, "loading": loading, "peak": max(running, loading)}
 
 
@@ -424,14 +428,14 @@ def advice(p: dict, src_or_cfg, here: dict) -> list[str]:
     lines.append(f"does not fit in RAM: needs {gb(need)}, {gb(ram)} available ({gb(need - ram)} short)")
     if p["train"] == "full" and p["lora_rank"]:
         lora = plan(src_or_cfg, p["precision"], p["ctx"], p["batch"], "lora", group_size=p["group_size"] or 32,
-                    lora_rank=p["lora_rank"])  # torch
+                    lora_rank=p["lora_rank"], lora_dropout=p["lora_dropout"])  # torch
         lines.append(f"  --train lora needs {gb(lora['peak'])}" + (" and fits" if lora["peak"] <= ram else ""))
     smallest = None
     for q in ("bf16", "int8", "int4"):
         if p["train"] == "full" and q.startswith("int"):
             continue
         other = plan(src_or_cfg, q, p["ctx"], p["batch"], p["train"], group_size=p["group_size"] or 32, engine=p["engine"],
-                     lora_rank=p["lora_rank"])
+                     lora_rank=p["lora_rank"], lora_dropout=p["lora_dropout"])
         if other["weights"] >= p["weights"]:
             continue  # not smaller than what was asked
         smallest = other
@@ -445,7 +449,7 @@ def advice(p: dict, src_or_cfg, here: dict) -> list[str]:
         shorter = int(least["ctx"] * (1 - (least["peak"] - ram) / scalable)) // 256 * 256
         if shorter >= 256:
             fit = plan(src_or_cfg, least["precision"], shorter, p["batch"], p["train"], group_size=p["group_size"] or 32,
-                       engine=p["engine"], lora_rank=p["lora_rank"])
+                       engine=p["engine"], lora_rank=p["lora_rank"], lora_dropout=p["lora_dropout"])
             if fit["peak"] <= ram:
                 lines.append(f"  --quant {least['precision']} --ctx {shorter} needs {gb(fit['peak'])} and fits")
                 return lines
@@ -529,7 +533,8 @@ def pick_engine(engine: str | None, train: str = "none", batch: int = 1) -> str:
 
 
 def fit(model, quant: str | None = None, ctx: int | None = None, batch: int = 1, train: str = "none",
-        group_size: int | None = None, engine: str | None = None, lora_rank: int = 0) -> tuple[dict, "Source"]:
+        group_size: int | None = None, engine: str | None = None, lora_rank: int = 0,
+        lora_dropout: float = 0.0) -> tuple[dict, "Source"]:
     """(plan, source) for `llmos fit MODEL` (a name, a path or a Source): unless given, the precision as `llmos run`
     would load the file, or float32 for training, as the training stages load it."""
     src = model if isinstance(model, Source) else source(model)
@@ -540,7 +545,7 @@ def fit(model, quant: str | None = None, ctx: int | None = None, batch: int = 1,
     if src.format.startswith("llmos") and precision != src.precision:
         raise LlmosError(f"{model} is quantized to {src.precision}; plan it as --quant {src.precision}")
     p = plan(src, precision, ctx, batch, train, group_size=group_size or src.group_size or 32, engine=engine,
-             lora_rank=lora_rank)
+             lora_rank=lora_rank, lora_dropout=lora_dropout)
     return p, src
 
 

@@ -411,7 +411,7 @@ def test_fit_plans_the_stage_defaults(model_dir, identity_file, tmp_path, capsys
             tune.seq_len, tune.micro_batch, tune.lora, tune.lora_rank) == (512, 2, True, 16)
     assert llmos(["fit", str(model_dir), "--train", "lora", "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)
-    assert (fit["ctx"], fit["batch"], fit["lora_rank"], fit["precision"]) == (128, 2, 16, "f32")  # 512 cut to 128
+    assert (fit["ctx"], fit["batch"], fit["lora_rank"], fit["lora_dropout"], fit["precision"]) == (128, 2, 16, 0.05, "f32")
     cfg = S.SFTConfig(model=str(model_dir))
     plan, command = FT.memory_plan(cfg, planner.source(str(model_dir)))
     assert plan == {k: v for k, v in fit.items() if k not in ("machine", "advice")}
@@ -420,14 +420,14 @@ def test_fit_plans_the_stage_defaults(model_dir, identity_file, tmp_path, capsys
     S.sft(config(model_dir, identity_file, tmp_path / "run", steps=1, lora=True, lora_rank=16, micro_batch=2))
     err = capsys.readouterr().err
     assert f"memory plan, as `llmos fit {model_dir} --train lora --ctx 64 --batch 2` makes it:" in err
-    peak = planner.fit(str(model_dir), "f32", 64, 2, "lora", engine="torch", lora_rank=16)[0]["peak"]
+    peak = planner.fit(str(model_dir), "f32", 64, 2, "lora", engine="torch", lora_rank=16, lora_dropout=0.05)[0]["peak"]
     assert f"fits in RAM: {planner.gb(peak)} needed" in err
 
 
 def test_a_run_that_does_not_fit_is_refused_before_loading(model_dir, identity_file, tmp_path, monkeypatch, capsys):
     from llmos import loader, planner
 
-    full = config(model_dir, identity_file, tmp_path / "run")  # all weights, 2 rows per pass
+    full = config(model_dir, identity_file, tmp_path / "run", lora_dropout=0.0)  # all weights, 2 rows per pass
     src = planner.source(str(model_dir))
     need = {lora: FT.memory_plan(replace(full, lora=lora), src)[0]["peak"] for lora in (False, True)}
     assert need[True] < need[False]
@@ -438,7 +438,7 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(model_dir, identity_f
         S.sft(full)
     assert not (tmp_path / "run").exists()
     argv = ["--model", str(model_dir), "--data", str(identity_file), "--out", str(tmp_path / "run"), "--no-lora",
-            "--fill", "name=Ada,author=Ada Lab", "--seq-len", "64", "--steps", "2", "--device", "cpu"]
+            "--lora-dropout", "0", "--fill", "name=Ada,author=Ada Lab", "--seq-len", "64", "--steps", "2", "--device", "cpu"]
     assert S.main(argv) == 2
     err = capsys.readouterr().err
     assert "does not fit in RAM" in err and err.strip().splitlines()[-1].startswith("error: this run needs")

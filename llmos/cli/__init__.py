@@ -399,13 +399,14 @@ def cmd_fit(args) -> int:
         return 0
     if args.model is None:
         raise LlmosError("name a model (a file, a directory, a name, or a size like 7b), or pass --table")
-    src, ctx, batch, rank = planner.source(args.model), args.ctx, args.batch, 0
+    src, ctx, batch, tune = planner.source(args.model), args.ctx, args.batch, None
     if args.train != "none":  # plan what the fine-tuning stages run with unless told otherwise: one set of defaults
         tune = FinetuneConfig()
         ctx = row_tokens(tune, src.config) if ctx is None else ctx
-        batch, rank = tune.micro_batch or tune.batch_size if batch is None else batch, tune.lora_rank
-    batch = 1 if batch is None else batch
-    p, src = planner.fit(src, args.quant, ctx, batch, args.train, args.group_size, args.engine, lora_rank=rank)
+        batch = tune.micro_batch or tune.batch_size if batch is None else batch
+    lora = {"lora_rank": tune.lora_rank, "lora_dropout": tune.lora_dropout} if tune else {}
+    p, src = planner.fit(src, args.quant, ctx, 1 if batch is None else batch, args.train, args.group_size, args.engine,
+                         **lora)
     here = planner.machine()
     if args.json:
         print(json.dumps({**p, "machine": here, "advice": planner.advice(p, src, here)}, indent=2))

@@ -138,7 +138,7 @@ def memory_plan(cfg: FinetuneConfig, src: planner.Source, rows: int = 1) -> tupl
     micro_batch x `rows` sequences per forward pass (a preference pair is two), LoRA or all weights trained."""
     T, batch = row_tokens(cfg, src.config), (cfg.micro_batch or cfg.batch_size) * rows
     mode = "lora" if cfg.lora else "full"
-    p, _ = planner.fit(src, "f32", T, batch, mode, engine="torch", lora_rank=cfg.lora_rank)
+    p, _ = planner.fit(src, "f32", T, batch, mode, engine="torch", lora_rank=cfg.lora_rank, lora_dropout=cfg.lora_dropout)
     return p, f"llmos fit {cfg.model} --train {mode} --ctx {T} --batch {batch}"
 
 
