@@ -23,6 +23,33 @@ def option(default, help: str, choices=None):
     return dataclasses.field(default=default, metadata={"help": help} | ({"choices": choices} if choices else {}))
 
 
+def defaults(help: dict | None = None, **values):
+    """Class decorator, placed under @dataclass: a stage's own defaults (and, in `help`, its own help) for options
+    it inherits, so a shared option is declared once and each stage's config still states its best values.
+
+        @dataclass
+        @defaults(batch_size=8, help={"data": "preference pairs: a JSON or JSONL file"})
+        class DPOConfig(FinetuneConfig): ...
+    """
+    def apply(cls):
+        inherited = {}  # as @dataclass merges them: the nearest base's field wins
+        for base in reversed(cls.__mro__[1:]):
+            if dataclasses.is_dataclass(base):
+                inherited |= {f.name: f for f in dataclasses.fields(base)}
+        own = cls.__dict__.get("__annotations__")
+        if own is None:
+            own = cls.__annotations__ = {}
+        for name in {**values, **(help or {})}:
+            f = inherited[name]  # a KeyError here is a typo in the decorator, found on import
+            default = values.get(name, f.default)
+            metadata = {**f.metadata, **({"help": help[name]} if help and name in help else {})}
+            own[name] = f.type
+            setattr(cls, name, dataclasses.field(default=default, metadata=metadata))
+        return cls
+
+    return apply
+
+
 def _types(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

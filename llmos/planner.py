@@ -1,6 +1,7 @@
 """Memory planner: how much RAM or VRAM a model needs, and whether it fits here.
 
     llmos fit MODEL [--ctx N] [--quant f32|f16|bf16|int8|int4] [--batch B] [--train none|full|lora]
+    llmos fit smollm2 --train lora     # what `llmos train sft` will hold, at its default length, batch and rank
     llmos fit 7b --quant int4          # a size instead of a file: 135m, 1.1b, 7b, 13b, 30b, 70b, 175b
     llmos fit --table                  # 7B to 175B at fp32, fp16, int8, int4: weights + KV cache at 4k context
 
@@ -35,8 +36,11 @@ compiler; llmos/fast.py) lays memory out differently:
 Training (full): weights and gradients in the float dtype, AdamW's two float32 states, and the
 activations autograd keeps, about 14 x dim + 4 x kv_dim + 4 x hidden values per layer per token
 (norms, q/k/v, rope, attention, MLP) plus the logits three times (logits, log-softmax, gradient).
-LoRA: the frozen base at --quant, rank-8 adapters on every linear layer of the blocks (each
-parameter with its gradient and AdamW states), and the same activations.
+LoRA: the frozen base at --quant, adapters of the given rank on every linear layer of the blocks
+(each parameter with its gradient and AdamW states), and the same activations, plus, with dropout on
+the adapters, the dropped-out copy of every adapted layer's input and its mask. `llmos fit --train`
+plans the fine-tuning stages' defaults (llmos.train.finetune: float32, their sequence length,
+micro-batch and LoRA rank), and every training stage prints this plan before its first step.
 
 Checked against measured peak resident memory (bench/README.md has the numbers and command).
 """
@@ -69,7 +73,6 @@ TOKENIZER_BYTES_PER_ENTRY = 512
 # Measured: parsing a GGUF file's metadata (vocabulary and merges as python objects) held 64 MB more
 # than the finished tokenizer, for 49,152 entries, while the file was read.
 GGUF_FIELDS_BYTES_PER_ENTRY = 1300
-LORA_RANK = 8
 
 # Named sizes: Llama-2 7B/13B/70B, LLaMA-1 30B (33B), a GPT-3-sized Llama, and the bench shapes.
 SIZES = {
@@ -315,10 +318,11 @@ BLOCK_PRECISION = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4
 
 
 def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: int = 1, train: str = "none",
-         prompt: int | None = None, group_size: int = 32, engine: str = "torch") -> dict:
-    """Bytes of every part and the peak, for inference (train="none") or training ("full", "lora").
-    prompt: tokens of the prefill (default: the whole context, the worst case). engine: "torch" (the
-    model; batches; training) or "fast" (the C++ decoder, one sequence at a time)."""
+         prompt: int | None = None, group_size: int = 32, engine: str = "torch", lora_rank: int = 0,
+         lora_dropout: float = 0.0) -> dict:
+    """Bytes of every part and the peak, for inference (train="none") or training ("full", "lora" with adapters
+    of lora_rank, whose dropout keeps a copy of each input). prompt: tokens of the prefill (default: the whole context, the worst case). engine: "torch"
+    (the model; batches; training) or "fast" (the C++ decoder, one sequence at a time)."""
     src = cfg_or_source if isinstance(cfg_or_source, Source) else Source("model", cfg_or_source, "size")
     cfg = src.config
     check_precision(precision)
@@ -329,6 +333,8 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
         raise LlmosError(f"context and batch must be at least 1, got --ctx {ctx} --batch {batch}")
     if ctx > cfg.max_seq_len:
         raise LlmosError(f"--ctx {ctx} exceeds {src.name}'s context limit of {cfg.max_seq_len} tokens; pass --ctx {cfg.max_seq_len} or less")
+    if train == "lora" and lora_rank < 1:
+        raise LlmosError(f"LoRA rank {lora_rank} must be at least 1")
     if train == "full" and precision in ("int8", "int4"):
         raise LlmosError("full training needs float weights; use --quant f32|bf16, or --train lora on a quantized base")
     parts = {"weights": weight_bytes(cfg, precision, group_size), "kv_cache": 0, "activations": 0,
@@ -338,12 +344,14 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
         parts["kv_cache"] = kv_bytes(cfg, ctx, batch, precision)
         parts["activations"] = activation_bytes(cfg, min(prompt or ctx, ctx), batch, precision)
     else:
-        trained = cfg.num_params() if train == "full" else sum(LORA_RANK * (o + i) for o, i, _ in linear_shapes(cfg))
+        trained = cfg.num_params() if train == "full" else sum(lora_rank * (o + i) for o, i, _ in linear_shapes(cfg))
         tb = b if train == "full" else 4  # LoRA adapters are float32 (llmos.train.lora: the base's dtype, f32 on CPU)
         parts["weights"] += 0 if train == "full" else trained * tb
         parts["gradients"] = trained * tb
         parts["optimizer"] = trained * 8  # AdamW: exp_avg and exp_avg_sq in float32
         per_token = cfg.n_layers * (14 * cfg.dim + 4 * cfg.n_kv_heads * cfg.head_dim + 4 * cfg.hidden_dim) * b
+        if train == "lora" and lora_dropout > 0:  # each adapter keeps its dropped-out input and the mask (1 B)
+            per_token += sum(i for _, i, _ in linear_shapes(cfg)) * (b + 1)
         parts["activations"] = batch * ctx * (per_token + cfg.vocab_size * (b + 8))
     stored = False
     if engine == "fast":
@@ -367,7 +375,8 @@ def plan(cfg_or_source, precision: str = "f32", ctx: int | None = None, batch: i
         loading = parts["runtime"] + loading_bytes(src, precision, group_size)
     return {"model": src.name, "params": cfg.num_params(), "precision": precision, "group_size": group_size
             if precision == "int4" else None, "ctx": ctx, "batch": batch, "train": train, "prompt": prompt or ctx,
-            "source": src.format, "engine": engine, "stored_blocks": src.blocks if stored else None, **parts,
+            "source": src.format, "engine": engine, "stored_blocks": src.blocks if stored else None,
+            "lora_rank": lora_rank, "lora_dropout": lora_dropout, **parts,
             "running": running, "loading": loading, "peak": max(running, loading)}
 
 
@@ -417,14 +426,16 @@ def advice(p: dict, src_or_cfg, here: dict) -> list[str]:
         lines.append(f"fits in RAM: {gb(need)} of {gb(ram)} available ({gb(here['ram_total'])} total)")
         return lines
     lines.append(f"does not fit in RAM: needs {gb(need)}, {gb(ram)} available ({gb(need - ram)} short)")
-    if p["train"] == "full":
-        lora = plan(src_or_cfg, p["precision"], p["ctx"], p["batch"], "lora", group_size=p["group_size"] or 32)  # torch
+    if p["train"] == "full" and p["lora_rank"]:
+        lora = plan(src_or_cfg, p["precision"], p["ctx"], p["batch"], "lora", group_size=p["group_size"] or 32,
+                    lora_rank=p["lora_rank"], lora_dropout=p["lora_dropout"])  # torch
         lines.append(f"  --train lora needs {gb(lora['peak'])}" + (" and fits" if lora["peak"] <= ram else ""))
     smallest = None
     for q in ("bf16", "int8", "int4"):
         if p["train"] == "full" and q.startswith("int"):
             continue
-        other = plan(src_or_cfg, q, p["ctx"], p["batch"], p["train"], group_size=p["group_size"] or 32, engine=p["engine"])
+        other = plan(src_or_cfg, q, p["ctx"], p["batch"], p["train"], group_size=p["group_size"] or 32, engine=p["engine"],
+                     lora_rank=p["lora_rank"], lora_dropout=p["lora_dropout"])
         if other["weights"] >= p["weights"]:
             continue  # not smaller than what was asked
         smallest = other
@@ -438,7 +449,7 @@ def advice(p: dict, src_or_cfg, here: dict) -> list[str]:
         shorter = int(least["ctx"] * (1 - (least["peak"] - ram) / scalable)) // 256 * 256
         if shorter >= 256:
             fit = plan(src_or_cfg, least["precision"], shorter, p["batch"], p["train"], group_size=p["group_size"] or 32,
-                       engine=p["engine"])
+                       engine=p["engine"], lora_rank=p["lora_rank"], lora_dropout=p["lora_dropout"])
             if fit["peak"] <= ram:
                 lines.append(f"  --quant {least['precision']} --ctx {shorter} needs {gb(fit['peak'])} and fits")
                 return lines
@@ -511,7 +522,7 @@ def describe_weights(p: dict) -> str:
         return p["precision"] + (" model + a float32 copy for the kernels" if p["precision"] == "f16" else ", shared with the model")
     return (p["precision"] + (" layers" if quantized else "") + (f" (groups of {p['group_size']})" if p["group_size"] else "")
             + (", bf16 embedding, norms and head" if quantized else "")
-            + (f" + rank-{LORA_RANK} LoRA adapters" if p["train"] == "lora" else ""))
+            + (f" + rank-{p['lora_rank']} LoRA adapters" if p["train"] == "lora" else ""))
 
 
 def pick_engine(engine: str | None, train: str = "none", batch: int = 1) -> str:
@@ -521,23 +532,27 @@ def pick_engine(engine: str | None, train: str = "none", batch: int = 1) -> str:
     return "fast" if kind == "fast" else "torch"
 
 
-def fit(model: str, quant: str | None = None, ctx: int | None = None, batch: int = 1, train: str = "none",
-        group_size: int | None = None, engine: str | None = None) -> tuple[dict, "Source"]:
-    """(plan, source) for `llmos fit MODEL`: the precision as `llmos run` would load the file unless given."""
-    src = source(model)
+def fit(model, quant: str | None = None, ctx: int | None = None, batch: int = 1, train: str = "none",
+        group_size: int | None = None, engine: str | None = None, lora_rank: int = 0,
+        lora_dropout: float = 0.0) -> tuple[dict, "Source"]:
+    """(plan, source) for `llmos fit MODEL` (a name, a path or a Source): unless given, the precision as `llmos run`
+    would load the file, or float32 for training, as the training stages load it."""
+    src = model if isinstance(model, Source) else source(model)
     engine = pick_engine(engine, train, batch)
     stored = BLOCK_PRECISION.get(src.blocks) if engine == "fast" else None  # llmos run takes the blocks as stored
-    precision = quant or src.precision or stored or "f32"
+    trains_f32 = train != "none" and not src.format.startswith("llmos")
+    precision = quant or ("f32" if trains_f32 else src.precision or stored or "f32")
     if src.format.startswith("llmos") and precision != src.precision:
         raise LlmosError(f"{model} is quantized to {src.precision}; plan it as --quant {src.precision}")
-    p = plan(src, precision, ctx, batch, train, group_size=group_size or src.group_size or 32, engine=engine)
+    p = plan(src, precision, ctx, batch, train, group_size=group_size or src.group_size or 32, engine=engine,
+             lora_rank=lora_rank, lora_dropout=lora_dropout)
     return p, src
 
 
-def report(p: dict, src: "Source", here: dict) -> list[str]:
-    """What `llmos fit` prints: the model, then each part of the plan, then whether it fits here."""
+def report(p: dict, src: "Source", here: dict | None = None) -> list[str]:
+    """What `llmos fit` prints: the model, then each part of the plan, then (given `here`) whether it fits here."""
     cfg = src.config
     kind = "inference" if p["train"] == "none" else f"{p['train']} training"
     head = (f"{src.name}: {cfg.num_params() / 1e6:,.1f}M parameters, {cfg.n_layers} layers, width {cfg.dim}; "
             f"{p['precision']}, context {p['ctx']}, batch {p['batch']}, {kind}")
-    return [head] + describe(p, cfg) + advice(p, src, here)
+    return [head] + describe(p, cfg) + (advice(p, src, here) if here is not None else [])

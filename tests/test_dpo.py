@@ -19,6 +19,7 @@ from llmos.model import Config, Transformer
 from llmos.tokenizer import Tokenizer
 from llmos.train import chat_data as C
 from llmos.train import dpo as D
+from llmos.train import finetune as FT
 from llmos.train import reward as R
 from llmos.train.tokenizer_train import save, train_bpe
 from conftest import load_model
@@ -80,7 +81,7 @@ def test_sequence_logps_sum_response_tokens_only(model_dir):
     model, tok, _ = load_model(str(model_dir))
     prompt = [{"role": "user", "content": "hello"}]
     ids, mask = C.render_masked(tok, prompt + [{"role": "assistant", "content": GOOD}], start=1)
-    x, y = D.pad_rows([(ids, mask)], 3)
+    x, y = FT.pad_rows([(ids, mask)], 3)
     got = D.sequence_logps(model, x, y).item()
     with torch.no_grad():
         lp = F.log_softmax(model(torch.tensor([ids])).float(), -1)[0]
@@ -141,7 +142,7 @@ def test_real_preference_files():
 
 def config(cls, model_dir, data, out, **kw):
     base = dict(model=str(model_dir), data=str(data), out=str(out), steps=8, batch_size=4, micro_batch=2,
-                seq_len=64, lr=5e-3, warmup_steps=1, eval_every=0, save_every=0, val_fraction=0.2,
+                seq_len=64, lora=False, lr=5e-3, warmup_steps=1, eval_every=0, save_every=0, val_fraction=0.2,
                 progress=False, device="cpu")
     return cls(**{**base, **kw})
 

@@ -74,6 +74,7 @@ data = ["sft/alpaca.json", "sft/identity.json"]
 fill = "name=Wren,author=Lab"
 val_fraction = 0.2
 steps = 4
+lora = false                  # all weights, as recipes/e2e.toml trains its small model
 batch_size = 2
 seq_len = 64
 lr = 1e-3
@@ -86,6 +87,7 @@ save_every = 0
 data = "pref/pairs.jsonl"
 val_fraction = 0.25
 steps = 3
+lora = false
 batch_size = 2
 seq_len = 64
 lr = 1e-4

@@ -151,10 +151,13 @@ def test_training_plans():
     assert full["gradients"] == PARAMS * 4 and full["optimizer"] == PARAMS * 8 and full["kv_cache"] == 0
     per_token = 2 * (14 * 64 + 4 * 32 + 4 * 128) * 4 + 100 * (4 + 8)
     assert full["activations"] == 16 * per_token
-    lora = planner.plan(CFG, "int4", ctx=16, train="lora")
+    lora = planner.plan(CFG, "int4", ctx=16, train="lora", lora_rank=8)
     adapters = 2 * 8 * sum(o + i for o, i in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)])
     assert lora["gradients"] == adapters * 4 and lora["optimizer"] == adapters * 8
     assert lora["weights"] == planner.weight_bytes(CFG, "int4") + adapters * 4
+    dropout = planner.plan(CFG, "int4", ctx=16, train="lora", lora_rank=8, lora_dropout=0.05)
+    inputs = 2 * (64 + 64 + 64 + 64 + 64 + 64 + 128)  # every adapted layer's input features, 2 layers
+    assert dropout["activations"] == lora["activations"] + 16 * inputs * (2 + 1)  # bf16 copy and a 1-byte mask
 
 
 # ----------------------------------------------------------------------------

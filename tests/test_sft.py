@@ -6,6 +6,7 @@ width 32 written as a Hugging Face directory, tens of steps. Run with OMP_NUM_TH
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from llmos.formats import Checkpoint, hf
 from llmos.model import Config, Transformer
 from llmos.tokenizer import Tokenizer
 from llmos.train import chat_data as C
+from llmos.train import finetune as FT
 from llmos.train import lora as L
 from llmos.train import sft as S
 from llmos.train.tokenizer_train import CHATML, save, train_bpe
@@ -250,7 +252,7 @@ def test_packing_keeps_targets_exact(tok):
     rows = S.Rows(examples, T, batch=3, micro=3, packing=True, seed=1, pad_id=3)
     (x, y, docs), units = rows.next_step()[0]
     # Rebuild what each row should hold from the visiting order, independently of Rows._row.
-    order, i, expected = S.Order(len(examples), 1), 0, []
+    order, i, expected = FT.Order(len(examples), 1), 0, []
     for _ in range(3):
         ids, mask = [], []
         while len(ids) + len(examples[order(i)][0]) <= T + 1:
@@ -260,8 +262,8 @@ def test_packing_keeps_targets_exact(tok):
     for r, (ids, mask) in enumerate(expected):
         n = len(ids)
         assert x[r, :n].tolist() == ids[: x.shape[1]] and (x[r, n:] == 3).all()
-        assert y[r, : n - 1].tolist() == [t if m else S.IGNORE for t, m in zip(ids[1:], mask[1:])]
-        assert (y[r, n - 1 :] == S.IGNORE).all() and x.shape[1] <= T
+        assert y[r, : n - 1].tolist() == [t if m else FT.IGNORE for t, m in zip(ids[1:], mask[1:])]
+        assert (y[r, n - 1 :] == FT.IGNORE).all() and x.shape[1] <= T
     assert docs.shape == x.shape and docs[:, 0].tolist() == [0, 0, 0]
     unpacked = S.Rows(examples, T, batch=2, micro=1, packing=False, seed=1, pad_id=3)
     micros = unpacked.next_step()
@@ -288,9 +290,9 @@ def test_packed_loss_equals_the_conversations_alone(tok):
         crossing = S.token_loss(model, (batch[0], batch[1], None), "cpu")  # attention across conversations
         alone, n = 0.0, 0
         for i in range(rows.cursor):  # each conversation of the step in a forward pass of its own
-            ids, mask = (torch.tensor(v) for v in examples[S.Order(len(examples), 1)(i)])
-            y = ids[1:].masked_fill(mask[1:] == 0, S.IGNORE)
-            alone += torch.nn.functional.cross_entropy(model(ids[None, :-1])[0], y, ignore_index=S.IGNORE,
+            ids, mask = (torch.tensor(v) for v in examples[FT.Order(len(examples), 1)(i)])
+            y = ids[1:].masked_fill(mask[1:] == 0, FT.IGNORE)
+            alone += torch.nn.functional.cross_entropy(model(ids[None, :-1])[0], y, ignore_index=FT.IGNORE,
                                                        reduction="sum")
             n += int(mask[1:].sum())
     assert n == units and abs(packed.item() - alone.item()) < 1e-4 * n
@@ -338,7 +340,7 @@ def test_lora_starts_equal_trains_only_adapters_and_merges_exactly():
 
 def config(model_dir, data, out, **kw) -> S.SFTConfig:
     base = dict(model=str(model_dir), data=str(data), out=str(out), fill="name=Ada,author=Ada Lab", steps=6,
-                batch_size=4, micro_batch=2, seq_len=64, lr=1e-2, warmup_steps=2, eval_every=3, save_every=3,
+                batch_size=4, micro_batch=2, seq_len=64, lora=False, lr=1e-2, warmup_steps=2, eval_every=3, save_every=3,
                 val_fraction=0.2, progress=False, device="cpu")
     return S.SFTConfig(**{**base, **kw})
 
@@ -390,3 +392,54 @@ def test_bad_runs(model_dir, identity_file, tmp_path):
         S.sft(config(model_dir, identity_file, tmp_path / "x", steps=0))
     assert S.main(["--model", str(model_dir), "--data", str(identity_file), "--out", str(tmp_path / "y"),
                    "--steps", "2"]) == 2  # the {{name}} placeholder has no value: one line, exit 2
+
+
+# ----------------------------------------------------------------------------
+# Memory: the plan printed before a run is `llmos fit`'s, with the same defaults; a run that cannot fit is refused
+
+
+def test_fit_plans_the_stage_defaults(model_dir, identity_file, tmp_path, capsys):
+    from llmos import planner
+    from llmos.cli import main as llmos
+    from llmos.train.dpo import DPOConfig
+    from llmos.train.reward import RewardConfig
+
+    tune = FT.FinetuneConfig()
+    for cls in (S.SFTConfig, DPOConfig, RewardConfig):  # one set of the numbers a plan depends on
+        stage = cls()
+        assert (stage.seq_len, stage.micro_batch, stage.lora, stage.lora_rank) == (
+            tune.seq_len, tune.micro_batch, tune.lora, tune.lora_rank) == (512, 2, True, 16)
+    assert llmos(["fit", str(model_dir), "--train", "lora", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert (fit["ctx"], fit["batch"], fit["lora_rank"], fit["lora_dropout"], fit["precision"]) == (128, 2, 16, 0.05, "f32")
+    cfg = S.SFTConfig(model=str(model_dir))
+    plan, command = FT.memory_plan(cfg, planner.source(str(model_dir)))
+    assert plan == {k: v for k, v in fit.items() if k not in ("machine", "advice")}
+    assert command == f"llmos fit {model_dir} --train lora --ctx 128 --batch 2"
+    # the run prints it before it starts
+    S.sft(config(model_dir, identity_file, tmp_path / "run", steps=1, lora=True, lora_rank=16, micro_batch=2))
+    err = capsys.readouterr().err
+    assert f"memory plan, as `llmos fit {model_dir} --train lora --ctx 64 --batch 2` makes it:" in err
+    peak = planner.fit(str(model_dir), "f32", 64, 2, "lora", engine="torch", lora_rank=16, lora_dropout=0.05)[0]["peak"]
+    assert f"fits in RAM: {planner.gb(peak)} needed" in err
+
+
+def test_a_run_that_does_not_fit_is_refused_before_loading(model_dir, identity_file, tmp_path, monkeypatch, capsys):
+    from llmos import loader, planner
+
+    full = config(model_dir, identity_file, tmp_path / "run", lora_dropout=0.0)  # all weights, 2 rows per pass
+    src = planner.source(str(model_dir))
+    need = {lora: FT.memory_plan(replace(full, lora=lora), src)[0]["peak"] for lora in (False, True)}
+    assert need[True] < need[False]
+    free = need[True]  # enough for LoRA, not for training every weight
+    monkeypatch.setattr(planner, "machine", lambda: {"ram_total": 2 * free, "ram_available": free, "gpus": []})
+    monkeypatch.setattr(loader, "load", lambda *a, **kw: pytest.fail("the model was loaded"))
+    with pytest.raises(LlmosError, match=rf"needs {planner.gb(need[False])} .* pass --lora to make it fit"):
+        S.sft(full)
+    assert not (tmp_path / "run").exists()
+    argv = ["--model", str(model_dir), "--data", str(identity_file), "--out", str(tmp_path / "run"), "--no-lora",
+            "--lora-dropout", "0", "--fill", "name=Ada,author=Ada Lab", "--seq-len", "64", "--steps", "2", "--device", "cpu"]
+    assert S.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit in RAM" in err and err.strip().splitlines()[-1].startswith("error: this run needs")
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

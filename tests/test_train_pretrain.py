@@ -228,7 +228,7 @@ def test_resume_with_another_config_is_refused(corpus, tmp_path):
         P.pretrain(config(corpus, tmp_path / "run", lr=0.02))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(LlmosError, match="holds no pretraining run"):
+    with pytest.raises(LlmosError, match="holds no unfinished pretraining run"):
         P.pretrain(config(corpus, tmp_path / "other"))
 
 
@@ -265,6 +265,34 @@ def test_recipe_flags_and_bad_keys(tmp_path):
     with pytest.raises(LlmosError, match="lr = 'fast' should be a float"):
         make_config(P.PretrainConfig, {}, tmp_path / "typed.toml")
     assert P.main(["--data", "x.txt", "--out", str(tmp_path / "o")]) == 2  # neither --steps nor --minutes
+
+
+def test_defaults_are_the_measured_recipe():
+    # bench/results/pretrain_sweep_2min*.json: depth 3 won at 2 and 10 minutes; the recipe keeps only its budget
+    cfg = P.PretrainConfig()
+    assert (cfg.depth, cfg.vocab_size, cfg.seq_len, cfg.batch_size, cfg.lr, cfg.warmup_steps) == (3, 2048, 256, 16, 3e-3, 50)
+    assert P.model_config(cfg, 2048).num_params() == 1_721_664  # the sweep's depth-3 model
+    assert make_config(P.PretrainConfig, {}, ROOT / "recipes" / "pretrain_tiny.toml") == P.PretrainConfig(minutes=10.0)
+
+
+def test_a_run_that_does_not_fit_is_refused_before_any_step(corpus, tmp_path, monkeypatch, capsys):
+    from llmos import planner
+    from llmos.tokenizer import Tokenizer
+
+    cfg = config(corpus, tmp_path / "run")  # 4 rows per pass
+    vocab = Tokenizer.from_hf_dir(corpus / "tok").hf.get_vocab_size(with_added_tokens=True)
+    mcfg = P.model_config(cfg, vocab)
+    need = {m: planner.plan(mcfg, "f32", 16, m, "full")["peak"] for m in (1, 2, 4)}
+    monkeypatch.setattr(planner, "machine", lambda: {"ram_total": 10**10, "ram_available": need[1], "gpus": []})
+    with pytest.raises(LlmosError, match=rf"needs {planner.gb(need[4])} .* pass --micro-batch 1 to make it fit"):
+        P.pretrain(cfg)
+    assert "does not fit in RAM" in capsys.readouterr().err and not (tmp_path / "run" / "trainer_state.pt").exists()
+    monkeypatch.setattr(planner, "machine", lambda: {"ram_total": 10**10, "ram_available": 1000, "gpus": []})
+    with pytest.raises(LlmosError, match="nothing these flags can change makes it fit"):
+        P.pretrain(cfg)
+    monkeypatch.undo()
+    assert P.pretrain(replace(cfg, micro_batch=1, steps=2, eval_every=0, save_every=0))["steps"] == 2
+    assert "fits in RAM" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------

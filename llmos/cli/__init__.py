@@ -38,6 +38,7 @@ from llmos.options import add_flags, make_config, parser_for
 from llmos.sampling import SamplingParams
 from llmos.server.config import ServerConfig
 from llmos.speculative import Draft
+from llmos.train.finetune import FinetuneConfig, row_tokens
 from llmos import bench
 
 # ----------------------------------------------------------------------------
@@ -291,10 +292,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fit", help="predict the memory a model needs and whether it fits this machine")
     s.add_argument("model", nargs="?", metavar="MODEL", help="a model name or path, or a size: 135m, 1.1b, 7b, 13b, 30b, 70b, 175b")
-    s.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096)")
+    s.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096; with --train, "
+                   "the fine-tuning stages' --seq-len)")
     s.add_argument("--quant", choices=["f32", "f16", "bf16", "int8", "int4"], help="precision (default: as stored, f32 for quantized GGUF)")
-    s.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
-    s.add_argument("--train", choices=["none", "full", "lora"], default="none", help="plan training instead of inference")
+    s.add_argument("--batch", type=int, help="sequences at once (default 1; with --train, the fine-tuning stages' --micro-batch)")
+    s.add_argument("--train", choices=["none", "full", "lora"], default="none",
+                   help="plan training instead of inference: llmos train sft's defaults (float32; LoRA at its --lora-rank)")
     s.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 group size (default 32)")
     s.add_argument("--engine", choices=ENGINES, default="auto",
                    help="plan the fast C++ decoder (one sequence, what llmos run uses) or the PyTorch model (batches, training); auto: as llmos run would")
@@ -402,7 +405,14 @@ def cmd_fit(args) -> int:
         return 0
     if args.model is None:
         raise LlmosError("name a model (a file, a directory, a name, or a size like 7b), or pass --table")
-    p, src = planner.fit(args.model, args.quant, args.ctx, args.batch, args.train, args.group_size, args.engine)
+    src, ctx, batch, tune = planner.source(args.model), args.ctx, args.batch, None
+    if args.train != "none":  # plan what the fine-tuning stages run with unless told otherwise: one set of defaults
+        tune = FinetuneConfig()
+        ctx = row_tokens(tune, src.config) if ctx is None else ctx
+        batch = tune.micro_batch or tune.batch_size if batch is None else batch
+    lora = {"lora_rank": tune.lora_rank, "lora_dropout": tune.lora_dropout} if tune else {}
+    p, src = planner.fit(src, args.quant, ctx, 1 if batch is None else batch, args.train, args.group_size, args.engine,
+                         **lora)
     here = planner.machine()
     if args.json:
         print(json.dumps({**p, "machine": here, "advice": planner.advice(p, src, here)}, indent=2))

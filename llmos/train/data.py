@@ -27,6 +27,7 @@ from llmos.files import atomic_write
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
 JSONL_SUFFIXES = {".jsonl"}
+CORPUS_HELP = 'corpus: a .txt, .md or .jsonl ({"text": ...}) file, or a directory of them'  # of --data, wherever read
 PIECE_CHARS = 1 << 20  # documents longer than this are tokenized in pieces, cut at line starts
 
 # ----------------------------------------------------------------------------

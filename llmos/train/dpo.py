@@ -1,8 +1,13 @@
 """Stage 3: learn from comparisons with DPO (direct preference optimization) against a frozen reference.
 
-    llmos train dpo --model MODEL --data pairs.jsonl.gz --out DIR [--beta 0.1] [--lora] [--steps N | --minutes M]
+    llmos train dpo --data pairs.jsonl.gz --out DIR (--steps N | --minutes M) [--model MODEL] [--beta 0.1] [--no-lora]
     llmos train dpo --recipe recipes/dpo.toml --model runs/sft --data ../shared/data/preference/hh_rlhf_harmless_base_test.jsonl.gz --out runs/dpo
     python -m llmos.train.dpo ...   (the same flags)
+
+The defaults are recipes/dpo.toml's measured values (bench/stages.py): LoRA of rank 16, pairs of at most
+512 tokens, 8 per step in micro-batches of 2. Like every training stage it prints its memory plan (`llmos
+fit MODEL --train lora --batch 4`: a pair is two sequences) before loading the model, and refuses a run
+that would not fit here, naming the flag that would.
 
 Pairs are hh-rlhf dialogues, ShareGPT chosen/rejected or {prompt, chosen, rejected} rows (chat_data.py).
 For each pair the policy π and the reference (the starting model, frozen) give log p(response | prompt),
@@ -23,7 +28,7 @@ Decisions:
 - Reference log-probabilities are computed one pair at a time and cached, so they are the same
   numbers whatever the batch composition, and a resumed run matches an uninterrupted one.
 - Sequences longer than --seq-len keep their beginning; a pair with no response token left is skipped.
-- --lr 0 (the default) means 1e-6 for full training and 1e-5 for LoRA.
+- --lr 0 (the default) means 5e-5 for LoRA (measured: recipes/dpo.toml) and 1e-6 for full training.
 
 DIR is a Hugging Face directory `llmos run` chats with, plus trainer_state.pt, summary.json, loss.png.
 """
@@ -38,19 +43,27 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
+from llmos.options import defaults, option, run_main
 from llmos.train import chat_data as C
 from llmos.train import lora as L
+from llmos.train.finetune import (IGNORE, FinetuneConfig, Order, add_lora, check, eos_ids, finetune, load_base, pad_id,
+                                  pad_rows, row_tokens, split)
 from llmos.train.loop import log
-from llmos.options import option, run_main
-from llmos.train.sft import IGNORE, FinetuneConfig, Order, add_lora, check, finetune, load_base, pad_rows, split
 
 
 @dataclass
-class DPOConfig(FinetuneConfig):
-    val_fraction: float = option(0.1, "fraction of the pairs held out for validation (at least one when > 0)")
-    batch_size: int = option(8, "pairs per optimizer step")
-    micro_batch: int = option(0, "pairs per forward pass (0 = batch_size); gradients accumulate over the rest")
-    seq_len: int = option(512, "longest prompt + response in tokens (0 = the model's context); longer ones are cut")
+@defaults(val_fraction=0.1, batch_size=8, warmup_steps=10, lora_dropout=0.0, eval_every=25, save_every=25, help={
+    "data": "preference pairs: a JSON or JSONL file (hh-rlhf, ShareGPT chosen/rejected or prompt/chosen/rejected)",
+    "val_fraction": "fraction of the pairs held out for validation (at least one when > 0)",
+    "batch_size": "pairs per optimizer step",
+    "micro_batch": "pairs per forward pass (0 = batch_size); gradients accumulate over the rest",
+    "seq_len": "longest prompt + response in tokens (0 = the model's context); longer ones are cut"})
+class PairConfig(FinetuneConfig):
+    """The options of the stages that learn from preference pairs: DPO and the reward model."""
+
+
+@dataclass
+class DPOConfig(PairConfig):
     beta: float = option(0.1, "DPO temperature: how far the policy may move from the reference")
 
 
@@ -126,13 +139,12 @@ def dpo(cfg: DPOConfig) -> dict:
     if cfg.beta <= 0:
         raise LlmosError(f"beta {cfg.beta} must be above 0, e.g. 0.1")
     train, val = split(C.load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
-    model, tok, ckpt, device = load_base(cfg)
+    model, tok, ckpt, device = load_base(cfg, rows=2, reference=not cfg.lora)
     reference = None if cfg.lora else copy.deepcopy(model).eval().requires_grad_(False)
     add_lora(model, cfg)
-    T = min(cfg.seq_len or ckpt.config.max_seq_len, ckpt.config.max_seq_len)
+    T = row_tokens(cfg, ckpt.config)
     train, val = tokenize_pairs(cfg, tok, T, train, val)
-    micro = cfg.micro_batch or cfg.batch_size
-    pad = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
+    micro, pad = cfg.micro_batch or cfg.batch_size, pad_id(tok)
     log(0, f"{len(train)} training and {len(val)} held-out pairs from {cfg.data}; beta {cfg.beta}")
     ref_cache = {}  # (split, index) → (log ref(chosen), log ref(rejected))
 
@@ -168,10 +180,8 @@ def dpo(cfg: DPOConfig) -> dict:
                 sums[k] += v.float().sum().item()
         return {k: v / len(val) for k, v in sums.items()}
 
-    eos = list(ckpt.meta.get("eos_token_ids") or tok.eos_ids)
-    eos += [i for i in C.end_of_turn_ids(tok, [p[0] for p in train[:50]]) if i not in eos]
     return finetune(cfg, "dpo", model, tok, ckpt, device, Pairs(len(train), cfg.batch_size, micro, cfg.seed),
-                    step_loss, validate, (1e-6, 1e-5), eos)
+                    step_loss, validate, (1e-6, 5e-5), eos_ids(tok, ckpt, [p[0] for p in train[:50]]))
 
 
 def main(argv=None) -> int:

@@ -69,8 +69,7 @@ from llmos import registry
 from llmos.evals.run import evaluate
 from llmos.evals.tasks import ARC, GSM8K, Contains, Perplexity
 from llmos.formats import read_checkpoint, write_checkpoint
-from llmos.train.pretrain import RUN_CONTROL as PRETRAIN_CONTROL
-from llmos.train.sft import RUN_CONTROL as FINETUNE_CONTROL
+from llmos.train.loop import RUN_CONTROL
 
 
 @dataclass
@@ -409,7 +408,7 @@ def changed(plan: Plan, stage: str, summary: dict) -> list[str]:
         return []
     now = {**asdict(plan.configs[stage]), **({"scale": plan.cfg.scale} if stage == "evals" else {})}
     was = {**summary.get("config", {}), **({"scale": summary.get("scale")} if stage == "evals" else {})}
-    control = PRETRAIN_CONTROL if stage == "pretrain" else FINETUNE_CONTROL if stage in ("sft", "dpo") else set()
+    control = RUN_CONTROL if stage in ("pretrain", "sft", "dpo") else set()
     return [k for k in now if k not in control and was.get(k) != now[k]]
 
 

@@ -1,8 +1,13 @@
 """Stage 1: pretrain a model from scratch on a text corpus.
 
-    llmos train pretrain --data corpus.txt --out DIR [--tokenizer DIR] [--depth 4] [--steps 2000 | --minutes 10]
+    llmos train pretrain --data corpus.txt --out DIR (--steps 2000 | --minutes 10) [--tokenizer DIR] [--depth 3]
     llmos train pretrain --recipe recipes/pretrain_tiny.toml --data ../shared/data/corpora/tinyshakespeare.txt --out runs/tiny
     torchrun --standalone --nproc_per_node 2 -m llmos.train.pretrain --data corpus.txt --out DIR --steps 2000 [--fsdp]
+
+With no other flag it runs the best measured recipe (PretrainConfig below): depth 3, a 2,048-token
+vocabulary, rows of 256 tokens, 16 per step. Before building the model it prints the memory plan
+(llmos/planner.py, as `llmos fit` makes it) and refuses a run that would not fit here, naming the flag
+that would (--micro-batch, --seq-len, --depth).
 
 DIR becomes a Hugging Face model directory that `llmos run DIR` chats with, and also
 holds trainer_state.pt (model, optimizer, step, random states, data position, config),
@@ -12,7 +17,8 @@ Running the same command on an unfinished DIR resumes it exactly, after kill -9 
 
 Decisions:
 - One dial: --depth sets n_layers = depth, dim = 64 * depth (--aspect-ratio), heads of 64
-  channels, SwiGLU hidden = 8/3 dim rounded up to 32, context 128 * depth (at most 2048).
+  channels, SwiGLU hidden = 8/3 dim rounded up to 32; --seq-len 0 makes the context 128 * depth
+  (at most 2048).
 - --minutes M: the first CALIBRATE steps, then one validation pass, are timed; that fixes
   the total number of steps (saved, so a resume keeps it) and the cosine or WSD decay ends
   on time. A run still going at 1.1 M minutes stops there.
@@ -32,11 +38,9 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -47,59 +51,44 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llmos import planner
 from llmos.errors import LlmosError
+from llmos.formats import Checkpoint
 from llmos.model import Config, Transformer
-from llmos.train.loop import (check_length, end_step, log, on_all_ranks, progress_bar, rank0_first, refuse_other_run, rng_state, set_rng_state, start_distributed, steps_in_budget, write_report)
-from llmos.options import option, run_main
-from llmos.files import atomic_write
-from llmos.train import data as D
+from llmos.options import defaults, option, run_main
 from llmos.tokenizer import Tokenizer
-from llmos.train.tokenizer_train import save, train_bpe
-from llmos.formats import Checkpoint, hf
+from llmos.train import data as D
+from llmos.train.loop import (RUN_CONTROL, TrainConfig, check_run, end_step, finished_before, load_state, log,
+                              lr_factor, memory_verdict, on_all_ranks, progress_bar, rank0_first, restore, save_state,
+                              start_distributed, steps_in_budget, write_model, write_report)
+from llmos.train.tokenizer_train import TokenizerConfig, save, train_bpe
 
 CALIBRATE = 10  # steps timed before a --minutes run fixes its length
-# Options that may change between a run and its resume; any other change is another run.
-RUN_CONTROL = {"out", "eval_every", "save_every", "stop_at", "device", "compile", "progress", "micro_batch", "fsdp"}
 
 
+# The defaults are the best of bench/pretrain_sweep.py on tinyshakespeare at equal wall-clock on a 2-core CPU
+# (bench/results/pretrain_sweep_*.json): depth 3 (1.7 M parameters), a 2,048-token vocabulary, rows of 256
+# tokens, 16 per step, peak lr 3e-3 after 50 warmup steps, cosine decay: 2.548 held-out bits per byte in
+# 2 minutes, 2.120 in 10, against 2.780 and 2.335 at depth 4. The smaller model wins by taking more steps.
 @dataclass
-class PretrainConfig:
-    EXCLUSIVE = [("steps", "minutes")]  # a flag for one replaces a recipe's other
-    data: str = option("", "corpus: a .txt, .md or .jsonl ({\"text\": ...}) file, or a directory of them")
-    out: str = option("", "output directory: the model, trainer_state.pt, summary.json, loss.png")
+@defaults(vocab_size=2048, help={"data": D.CORPUS_HELP,
+                "vocab_size": "vocabulary of the tokenizer trained when --tokenizer is not given",
+                "seq_len": "context length trained on (0 = 128 * depth, at most 2048)",
+                "weight_decay": "AdamW decay of matrices (never of norms or embeddings)"})
+class PretrainConfig(TrainConfig, TokenizerConfig):
+    """TrainConfig's options, `llmos train tokenizer`'s for the tokenizer trained when none is given, and the model's."""
     tokenizer: str = option("", "tokenizer directory (tokenizer.json); default: train one on the training split")
-    vocab_size: int = option(4096, "vocabulary of the tokenizer trained when --tokenizer is not given")
-    val_fraction: float = option(0.1, "last fraction of the corpus held out for validation")
     # the model: one dial
-    depth: int = option(4, "layers; also sets width, heads and context")
+    depth: int = option(3, "layers; also sets width and heads")
     aspect_ratio: int = option(64, "width = aspect_ratio * depth")
     head_dim: int = option(64, "channels per attention head")
     kv_heads: int = option(0, "key-value heads (0 = one per query head)")
-    seq_len: int = option(0, "context length trained on (0 = 128 * depth, at most 2048)")
     tie_embeddings: bool = option(True, "the output head shares the embedding matrix")
-    # the optimization
-    steps: int = option(0, "optimizer steps (or give --minutes)")
-    minutes: float = option(0.0, "time budget in minutes instead of --steps")
-    batch_size: int = option(32, "sequences per optimizer step, all ranks and micro-batches together")
-    micro_batch: int = option(0, "sequences per forward pass on each rank (0 = batch_size / ranks)")
-    lr: float = option(3e-3, "peak learning rate")
-    schedule: str = option("cosine", "cosine, or wsd (warmup-stable-decay, linear decay over decay_frac)")
-    warmup_steps: int = option(20, "linear warmup steps")
-    decay_frac: float = option(0.2, "fraction of the run spent decaying, for wsd")
-    min_lr_frac: float = option(0.1, "final learning rate as a fraction of the peak")
-    weight_decay: float = option(0.1, "AdamW decay of matrices (never of norms or embeddings)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
-    seed: int = option(0, "seed of the initialization and of the data order")
     # run control: may change on resume
-    eval_every: int = option(100, "steps between validation passes (0 = only at the end)")
-    save_every: int = option(200, "steps between checkpoints (0 = only at the end)")
-    stop_at: int = option(0, "pause after this step, checkpointed; run again without it to continue")
-    device: str = option("auto", "cpu, cuda or auto")
     compile: bool = option(False, "torch.compile the model")
     fsdp: bool = option(False, "under torchrun, shard the model over the ranks (FSDP2) instead of copying it to each")
-    progress: bool = option(True, "show a progress bar on stderr")
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> Config:
@@ -128,20 +117,6 @@ def make_optimizer(model, cfg: PretrainConfig, device) -> torch.optim.AdamW:
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-def lr_factor(step: int, total: int | None, cfg: PretrainConfig) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based) of `total` (None: not known yet)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if total is None:
-        return 1.0
-    if cfg.schedule == "wsd":
-        decay_start = total - round(cfg.decay_frac * total)
-        progress = max(0, step - decay_start) / max(1, total - decay_start)
-        return 1 - (1 - cfg.min_lr_frac) * progress
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def batches_of(windows: list, batch: int) -> list[list]:
@@ -179,9 +154,7 @@ def evaluate(model, tokens, n_bytes: int, seq_len: int, batch: int, device="cpu"
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run in cfg.out; returns its summary."""
-    if not cfg.data or not cfg.out:
-        raise LlmosError("pass --data CORPUS and --out DIR")
-    check_length(cfg)
+    check_run(cfg)
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()), tokenizer=cfg.tokenizer and str(Path(cfg.tokenizer).resolve()))
     rank, world, device, own_group = start_distributed(cfg.device)
     try:
@@ -196,12 +169,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
     out = Path(cfg.out)
-    state = load_state(out, cfg)
-    done = state and ((state["total_steps"] and state["step"] >= state["total_steps"]) or 0 < cfg.stop_at <= state["step"])
-    if done:
-        log(rank, f"{out}: nothing to do, the run is at step {state['step']} of {state['total_steps'] or '?'} "
-                  "(finished, or at --stop-at); pass another --out or a later --stop-at")
-        return json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    # data/ is prepared before the first checkpoint: with its meta.json, whatever else is in out is this run's
+    state = load_state(out, cfg, "pretraining", RUN_CONTROL, own=("data",),
+                       ours=(out / "data" / "meta.json").is_file())
+    done = finished_before(out, state, cfg, rank)
+    if done is not None:
+        return done
 
     tok = rank0_first(rank, world, lambda: load_or_train_tokenizer(cfg, out / "data"))
     corpus = rank0_first(rank, world, lambda: D.prepare(cfg.data, tok, out / "data", cfg.val_fraction))
@@ -212,6 +185,7 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
         raise LlmosError(f"batch_size {cfg.batch_size} is not micro_batch {micro} x {world} ranks x a whole number "
                          "of accumulation steps; change --batch-size or --micro-batch")
     T = mcfg.max_seq_len
+    check_memory(cfg, mcfg, micro, world, device, rank)
 
     torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
     sharded = cfg.fsdp and world > 1
@@ -226,9 +200,7 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
     step, total, elapsed, history = 0, cfg.steps or None, 0.0, {"train_loss": [], "val": []}
     if state:
         load_optimizer_state(model, optimizer, state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        step, total, elapsed, history = state["step"], state["total_steps"], state["elapsed"], state["history"]
-        set_rng_state(state["rng"])
+        step, total, elapsed, history = restore(state, loader)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else None
     train_model = torch.compile(ddp or model) if cfg.compile else ddp or model
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
@@ -247,8 +219,12 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
 
     def checkpoint():
         weights, optimizer_state = full_state(model, optimizer)  # under FSDP every rank sends its shards
-        if rank == 0:
-            save(out, weights, optimizer_state, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus)
+        if rank == 0:  # the model first, then the state that points a resume at it
+            im_end = tok.hf.token_to_id("<|im_end|>")
+            eos = list(dict.fromkeys(list(tok.eos_ids) + ([im_end] if im_end is not None else [])))
+            write_model(out, Checkpoint(mcfg, weights, tok, {"format": "hf", "eos_token_ids": eos}), "f32")
+            save_state(out, "pretraining", cfg, optimizer_state, loader, step, total, elapsed, history, model=weights,
+                       model_config=mcfg.to_dict(), corpus=corpus.meta)
 
     bar = progress_bar("pretrain", total, step, rank == 0 and cfg.progress)
     start, run_steps, train_time, calib_time = time.perf_counter(), 0, 0.0, 0.0
@@ -304,6 +280,32 @@ def train(cfg: PretrainConfig, rank: int, world: int, device) -> dict:
     return summary
 
 
+def check_memory(cfg: PretrainConfig, mcfg: Config, micro: int, world: int, device, rank: int) -> None:
+    """Print the run's memory plan (llmos/planner.py: float32 weights, gradients, AdamW, activations of `micro`
+    rows) before the model is built, and refuse a run that would not fit, naming a flag that would make it fit.
+    Processes on one CPU machine (torchrun) each hold a whole plan; under --fsdp it is an overestimate."""
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+
+    def need(micro_batch: int, seq_len: int, depth: int) -> float:
+        try:
+            c = model_config(replace(cfg, seq_len=seq_len, depth=depth), mcfg.vocab_size)
+        except LlmosError:  # no valid model at that depth: never suggested
+            return math.inf
+        return planner.plan(c, "f32", c.max_seq_len, micro_batch, "full")["peak"] * procs
+
+    T = mcfg.max_seq_len
+    tries = [(f"--micro-batch {m}", need(m, T, cfg.depth)) for m in sorted({micro // 2, micro // 4, 1}, reverse=True)
+             if 1 <= m < micro and cfg.batch_size % (m * world) == 0]
+    tries += [(f"--seq-len {n}", need(micro, n, cfg.depth)) for n in (T // 2, T // 4) if n >= 32]
+    tries += [(f"--depth {d}", need(micro, cfg.seq_len, d)) for d in range(cfg.depth - 1, 0, -1)]
+    p = planner.plan(mcfg, "f32", T, micro, "full")
+    src = planner.Source(f"depth {cfg.depth}", mcfg, "size")
+    why = memory_verdict("memory plan, as llmos fit makes it" + (f" (x {procs} processes)" if procs > 1 else "") + ":",
+                         planner.report(p, src), p["peak"] * procs, device, tries, rank)
+    if on_all_ranks(why is not None, world, device):  # every rank stops, as rank 0 decides
+        raise LlmosError(why or "rank 0 found that this run does not fit in memory; see its message")
+
+
 def shard(model: Transformer, device, world: int) -> None:
     """FSDP2: every layer, then the rest (embedding, final norm, head), split in `world` shards, one per rank.
     A layer's whole weights are gathered just before it runs and freed after; on CUDA they are gathered in
@@ -336,7 +338,7 @@ def load_optimizer_state(model, optimizer, whole: dict) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints
+# The tokenizer
 
 
 def load_or_train_tokenizer(cfg: PretrainConfig, data_dir: Path):
@@ -344,42 +346,8 @@ def load_or_train_tokenizer(cfg: PretrainConfig, data_dir: Path):
         return Tokenizer.from_hf_dir(cfg.tokenizer)
     if not (data_dir / "tokenizer" / "tokenizer.json").is_file():
         train, _ = D.split_documents(D.read_documents(cfg.data), cfg.val_fraction)
-        save(train_bpe(train, cfg.vocab_size), data_dir / "tokenizer")
+        save(train_bpe(train, cfg.vocab_size, cfg.pattern, cfg.min_frequency), data_dir / "tokenizer")
     return Tokenizer.from_hf_dir(data_dir / "tokenizer")
-
-
-def load_state(out: Path, cfg: PretrainConfig) -> dict | None:
-    """The unfinished run in `out`, refused when it was started with another config."""
-    file = out / "trainer_state.pt"
-    if not file.is_file():
-        ours = (out / "data" / "meta.json").is_file()  # data is prepared before any checkpoint is written
-        if out.is_dir() and not ours and any(p.name != "data" and not p.name.startswith(".") for p in out.iterdir()):
-            raise LlmosError(f"{out}: exists and holds no pretraining run; pass a new or empty --out")
-        return None
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    refuse_other_run(out, state["config"], asdict(cfg), RUN_CONTROL)
-    return state
-
-
-def save(out, weights, optimizer_state, tok, mcfg, cfg, loader, step, total, elapsed, history, corpus) -> None:
-    """The model as a Hugging Face directory in `out`, then trainer_state.pt; each file replaced atomically.
-    weights and optimizer_state are whole state dicts (full_state)."""
-    staging = out / ".checkpoint"
-    shutil.rmtree(staging, ignore_errors=True)
-    im_end = tok.hf.token_to_id("<|im_end|>")
-    eos = list(dict.fromkeys(list(tok.eos_ids) + ([im_end] if im_end is not None else [])))
-    try:
-        hf.write(Checkpoint(mcfg, weights, tok, {"format": "hf", "eos_token_ids": eos}), staging, dtype="f32")
-        for f in staging.iterdir():  # the config never changes within a run, so files may land one by one
-            os.replace(f, out / f.name)
-        staging.rmdir()
-    except OSError as e:
-        raise LlmosError(f"{out}: could not write the checkpoint ({e.strerror or e}); free disk space and run "
-                         "the same command again to resume from the previous checkpoint") from None
-    state = {"config": asdict(cfg), "model_config": mcfg.to_dict(), "model": weights,
-             "optimizer": optimizer_state, "step": step, "total_steps": total, "elapsed": elapsed,
-             "loader": loader.state_dict(), "rng": rng_state(), "history": history, "corpus": corpus.meta}
-    atomic_write(out / "trainer_state.pt", lambda f: torch.save(state, f))
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,14 @@
 """Stage 3, the RLHF way: a reward model that scores a response, trained on preference pairs.
 
-    llmos train reward --model MODEL --data pairs.jsonl.gz --out DIR [--lora] [--steps N | --minutes M]
+    llmos train reward --data pairs.jsonl.gz --out DIR (--steps N | --minutes M) [--model MODEL] [--no-lora]
     python -m llmos.train.reward ...   (the same flags)
 
 The reward model is the language model with a scalar head on the final hidden state of the
 conversation's last token: r = w · h_last + b. Trained with the Bradley-Terry loss
 -log σ(r(chosen) - r(rejected)) (Ouyang et al. 2022), it reports on held-out pairs the accuracy
 (chosen scored above rejected) and the mean margin r(chosen) - r(rejected), before the first step
-and every --eval-every steps. The data formats are those of `llmos train dpo` (chat_data.py).
+and every --eval-every steps. The data formats and the defaults are those of `llmos train dpo` (LoRA of
+rank 16, pairs of 512 tokens, 8 per step in micro-batches of 2), and so is the memory plan printed first.
 
 DIR holds the language model (adapters merged; a Hugging Face directory) and reward_head.safetensors
 (weight [1, dim], bias [1]); `load_reward_model(DIR)` and `score(...)` give rewards to RL and the arena.
@@ -27,25 +28,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors.torch import load_file, save_file
+
 from llmos import loader
 from llmos.errors import LlmosError
+from llmos.options import run_main
 from llmos.train import chat_data as C
+from llmos.train.dpo import PairConfig, Pairs, tokenize_pairs
+from llmos.train.finetune import add_lora, check, eos_ids, finetune, load_base, pad_id, row_tokens, split
 from llmos.train.loop import log
-from llmos.options import option, run_main
-from llmos.train.dpo import Pairs, tokenize_pairs
-from llmos.train.sft import FinetuneConfig, add_lora, check, finetune, load_base, split
-from safetensors.torch import save_file
-from safetensors.torch import load_file
 
 HEAD_FILE = "reward_head.safetensors"
 
 
 @dataclass
-class RewardConfig(FinetuneConfig):
-    val_fraction: float = option(0.1, "fraction of the pairs held out for validation (at least one when > 0)")
-    batch_size: int = option(8, "pairs per optimizer step")
-    micro_batch: int = option(0, "pairs per forward pass (0 = batch_size); gradients accumulate over the rest")
-    seq_len: int = option(512, "longest prompt + response in tokens (0 = the model's context); longer ones are cut")
+class RewardConfig(PairConfig):
+    """DPO's options without beta."""
 
 
 def new_head(dim: int) -> nn.Linear:
@@ -81,14 +79,13 @@ def rows_tensor(rows: list[list[int]], pad_id: int, device):
 def reward(cfg: RewardConfig) -> dict:
     check(cfg)
     train, val = split(C.load_pairs(cfg.data), cfg.val_fraction, cfg.seed)
-    model, tok, ckpt, device = load_base(cfg)
+    model, tok, ckpt, device = load_base(cfg, rows=2)
     add_lora(model, cfg)
     torch.manual_seed(cfg.seed)
     head = new_head(ckpt.config.dim).to(device)
-    T = min(cfg.seq_len or ckpt.config.max_seq_len, ckpt.config.max_seq_len)
+    T = row_tokens(cfg, ckpt.config)
     train, val = tokenize_pairs(cfg, tok, T, train, val)
-    micro = cfg.micro_batch or cfg.batch_size
-    pad = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
+    micro, pad = cfg.micro_batch or cfg.batch_size, pad_id(tok)
     log(0, f"{len(train)} training and {len(val)} held-out pairs from {cfg.data}")
 
     def scores(rows, indices):
@@ -115,9 +112,8 @@ def reward(cfg: RewardConfig) -> dict:
         save_file({k: v.detach().cpu().float().contiguous() for k, v in head.state_dict().items()},
                   directory / HEAD_FILE)
 
-    eos = list(ckpt.meta.get("eos_token_ids") or tok.eos_ids)
     return finetune(cfg, "reward", model, tok, ckpt, device, Pairs(len(train), cfg.batch_size, micro, cfg.seed),
-                    step_loss, validate, (1e-5, 1e-4), eos, extra={"head": head}, extra_files=write_head)
+                    step_loss, validate, (1e-5, 1e-4), eos_ids(tok, ckpt), extra={"head": head}, extra_files=write_head)
 
 
 # ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from llmos.errors import LlmosError
 from llmos.options import option, run_main
 from llmos.files import atomic_write
 from llmos.tokenizer import Tokenizer
-from llmos.train.data import read_documents
+from llmos.train.data import CORPUS_HELP, read_documents
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 PATTERNS = {
@@ -42,7 +42,7 @@ CHATML = (
 
 @dataclass
 class TokenizerConfig:
-    data: str = option("", "corpus: a .txt, .md or .jsonl ({\"text\": ...}) file, or a directory of them")
+    data: str = option("", CORPUS_HELP)
     out: str = option("", "directory to write tokenizer.json and tokenizer_config.json into")
     vocab_size: int = option(4096, "tokens in all, the 4 special tokens and 256 bytes included")
     pattern: str = option("llama3", "split regex: llama3 or gpt2")
