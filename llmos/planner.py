@@ -30,7 +30,9 @@ compiler; llmos/fast.py) lays memory out differently:
                  float precisions share the model's own tensors
     KV cache     float32 always, sized to the context
     activations  prefill runs in chunks of 512 tokens (llmos.fast.PREFILL_CHUNK), so they stop growing there
-    loading      a GGUF file read as stored: the mapped file, its parsed metadata and the packed copy;
+    loading      a GGUF file read as stored: the mapped file, its parsed metadata and the packed copy
+                 (llmos.fast.from_gguf_blocks fills each packed array straight from the mapped file, no
+                 temporaries; of the tensors of other types, the largest dequantized to float32 while packed);
                  converted to int8/int4: the model read in bfloat16, then packed one matrix at a time
 
 Training (full): weights and gradients in the float dtype, AdamW's two float32 states, and the

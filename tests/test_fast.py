@@ -90,6 +90,26 @@ def test_gguf_q4_k_goes_into_q4_blocks():
     assert (err <= scale * 2**-10).all() and err.max() > 0  # rounded, not exact, and by no more than that
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("K", [256, 288])  # 288: an odd number of blocks of 32
+def test_gguf_blocks_unpermute_q_k_rows_while_copied(qtype, K):
+    """from_gguf_blocks(heads=...) un-permutes llama.cpp's q/k rows in its one copy out of the file: the
+    same arrays as loading the blocks and then un-permuting them."""
+    from llmos.formats import gguf as G
+
+    if qtype == "Q4_K" and K % 256:
+        pytest.skip("Q4_K rows are whole super-blocks of 256")
+    rng, N, heads = np.random.default_rng(0), 24, 3
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = rng.integers(0, 256, size=(N, K // block * size), dtype=np.uint8)
+    plain, moved = fast.from_gguf_blocks(raw, qtype, N, K), fast.from_gguf_blocks(raw, qtype, N, K, heads=heads)
+    for a, b in [(plain.w, moved.w), (plain.d, moved.d), (plain.m, moved.m)]:
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert b.is_contiguous() and torch.equal(G.unpermute(a, heads).view(torch.uint8), b.view(torch.uint8))
+    assert (moved.fmt, moved.N, moved.K, moved.koff) == (plain.fmt, N, K, plain.koff)
+
+
 @pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1"])
 def test_quantizing_a_slice_of_rows_at_a_time_gives_the_same_bytes(name):
     w = torch.randn(10, 96)

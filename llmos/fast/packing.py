@@ -120,10 +120,7 @@ def pack_gguf(path, opened=None, tokenizer: bool = True) -> tuple[Config, dict, 
         qtype = t.tensor_type.name
         heads = g.qk_heads(name, cfg) if arch == "llama" else None
         if len(shape) == 2 and qtype in BLOCK_TYPES:
-            w = from_gguf_blocks(t.data, qtype, *shape)
-            if heads:  # un-permuting q/k rows of quantized blocks is exact: rows move whole
-                w = Weight(w.fmt, g.unpermute(w.w, heads).contiguous(), w.N, w.K, g.unpermute(w.d, heads).contiguous(),
-                           None if w.m is None else g.unpermute(w.m, heads).contiguous(), w.koff)
+            w = from_gguf_blocks(t.data, qtype, *shape, heads=heads)  # q/k rows un-permuted while copied
         else:
             x = g.dequantize(t, path)
             if heads:
