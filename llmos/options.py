@@ -115,18 +115,6 @@ def config_from_argv(cls, argv, prog: str, description: str):
     args = vars(parser_for(cls, prog, description).parse_args(argv))
     recipe = args.pop("recipe")
     return make_config(cls, args, recipe)
-def run_main(fn, cls, argv, prog: str, description: str) -> int:
-    """`python -m llmos.train.X` entry: parse, run, print a LlmosError as one line and exit 2."""
-    try:
-        fn(config_from_argv(cls, sys.argv[1:] if argv is None else argv, prog, description))
-    except LlmosError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-
-
 def add_flags(p: argparse.ArgumentParser, cls, names: list[str] | None = None) -> None:
     """One flag per field of `cls` (or of `names`), with the field's own default and help: the dataclass is the
     flags' only definition, so a command and the config it fills cannot disagree."""

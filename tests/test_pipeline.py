@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmos import cli
 from llmos.errors import LlmosError
 from llmos.train import pipeline as P
 from conftest import load_model
@@ -125,7 +126,7 @@ def test_every_stage_runs_pauses_resumes_skips_and_the_model_loads_in_transforme
     argv = ["--recipe", recipe(workdir, RECIPE.format(sft_extra="stop_at = 2")), "--out", str(out)]
 
     # 1. SFT pauses at step 2 (its own --stop-at): the pipeline stops there, and says so in the table
-    assert P.main(argv) == 0
+    assert cli.main(["train", "all", *argv]) == 0
     captured = capsys.readouterr()
     assert "sft paused before its end" in captured.err
     assert json.loads((out / "sft" / "summary.json").read_text())["steps"] == 2
@@ -138,7 +139,7 @@ def test_every_stage_runs_pauses_resumes_skips_and_the_model_loads_in_transforme
 
     # 2. The same command without the pause: tokenizer and pretraining are skipped, SFT resumes at step 2
     argv[1] = recipe(workdir, RECIPE.format(sft_extra=""))
-    assert P.main(argv) == 0
+    assert cli.main(["train", "all", *argv]) == 0
     captured = capsys.readouterr()
     assert "[1/6] tokenizer: finished before, skipped" in captured.err
     assert "[2/6] pretrain: finished before, skipped" in captured.err
@@ -187,7 +188,7 @@ def test_every_stage_runs_pauses_resumes_skips_and_the_model_loads_in_transforme
 
     # 3. Once more: nothing left to do, nothing rewritten, the same table
     done = summaries(out)
-    assert P.main(argv) == 0
+    assert cli.main(["train", "all", *argv]) == 0
     captured = capsys.readouterr()
     assert captured.err.count("finished before, skipped") == 6
     assert summaries(out) == done
@@ -196,10 +197,10 @@ def test_every_stage_runs_pauses_resumes_skips_and_the_model_loads_in_transforme
     # An edited recipe: a finished training stage is never silently reused; the evals simply run again
     text = RECIPE.format(sft_extra="")
     recipe(workdir, text.replace("lr = 1e-4", "lr = 2e-4"))
-    assert P.main(argv) == 2
+    assert cli.main(["train", "all", *argv]) == 2
     assert f"{out / 'dpo'}: made with lr = 0.0001, but the recipe now says 0.0002; delete" in capsys.readouterr().err
     recipe(workdir, text.replace("arc_limit = 2", "arc_limit = 1"))
-    assert P.main(argv) == 0
+    assert cli.main(["train", "all", *argv]) == 0
     assert "[5/6] evals → " in capsys.readouterr().err
     assert json.loads((out / "evals.json").read_text())["models"]["dpo"]["arc"]["examples"] == 1
     assert {k: v for k, v in summaries(out).items() if k != "evals.json"} == {
@@ -267,7 +268,7 @@ def test_scale_multiplies_time_budgets_steps_and_eval_sizes(workdir):
 ])
 def test_mistakes_in_the_recipe_are_one_line_before_anything_runs(workdir, capsys, edit, message):
     text = RECIPE.format(sft_extra="").replace(*edit)
-    assert P.main(["--recipe", recipe(workdir, text), "--out", str(workdir / "run")]) == 2
+    assert cli.main(["train", "all", "--recipe", recipe(workdir, text), "--out", str(workdir / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not (workdir / "run").exists()
@@ -275,7 +276,7 @@ def test_mistakes_in_the_recipe_are_one_line_before_anything_runs(workdir, capsy
 
 def test_a_missing_data_dir_says_to_pass_data_dir(workdir, capsys):
     path = recipe(workdir, RECIPE.format(sft_extra="").replace('data_dir = "../data"', 'data_dir = "../nowhere"'))
-    assert P.main(["--recipe", path]) == 2
+    assert cli.main(["train", "all", "--recipe", path]) == 2
     err = capsys.readouterr().err
     assert "nowhere/corpus/a.txt: no such data file" in err and "pass --data-dir DIR" in err
     with pytest.raises(LlmosError, match="pass --recipe FILE"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmos import cli
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint, hf
 from llmos.model import Config, Transformer
@@ -390,7 +391,7 @@ def test_bad_runs(model_dir, identity_file, tmp_path):
         S.sft(config(model_dir, identity_file, tmp_path / "other"))
     with pytest.raises(LlmosError, match="exactly one of --steps N and --minutes M"):
         S.sft(config(model_dir, identity_file, tmp_path / "x", steps=0))
-    assert S.main(["--model", str(model_dir), "--data", str(identity_file), "--out", str(tmp_path / "y"),
+    assert cli.main(["train", "sft", "--model", str(model_dir), "--data", str(identity_file), "--out", str(tmp_path / "y"),
                    "--steps", "2"]) == 2  # the {{name}} placeholder has no value: one line, exit 2
 
 
@@ -439,7 +440,7 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(model_dir, identity_f
     assert not (tmp_path / "run").exists()
     argv = ["--model", str(model_dir), "--data", str(identity_file), "--out", str(tmp_path / "run"), "--no-lora",
             "--lora-dropout", "0", "--fill", "name=Ada,author=Ada Lab", "--seq-len", "64", "--steps", "2", "--device", "cpu"]
-    assert S.main(argv) == 2
+    assert cli.main(["train", "sft", *argv]) == 2
     err = capsys.readouterr().err
     assert "does not fit in RAM" in err and err.strip().splitlines()[-1].startswith("error: this run needs")
     assert "Traceback" not in err and not (tmp_path / "run").exists()

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmos import cli
 from llmos.errors import LlmosError
 from llmos.model import Config, Transformer
 from llmos.train import data as D
@@ -264,7 +265,7 @@ def test_recipe_flags_and_bad_keys(tmp_path):
     (tmp_path / "typed.toml").write_text('lr = "fast"\n')
     with pytest.raises(LlmosError, match="lr = 'fast' should be a float"):
         make_config(P.PretrainConfig, {}, tmp_path / "typed.toml")
-    assert P.main(["--data", "x.txt", "--out", str(tmp_path / "o")]) == 2  # neither --steps nor --minutes
+    assert cli.main(["train", "pretrain", "--data", "x.txt", "--out", str(tmp_path / "o")]) == 2  # neither --steps nor --minutes
 
 
 def test_defaults_are_the_measured_recipe():
@@ -307,7 +308,7 @@ def test_torchrun_two_gloo_processes_match_one(corpus, tmp_path):
     P.pretrain(config(corpus, tmp_path / "one", steps=5, eval_every=5))
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmos.train.pretrain",
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmos", "train", "pretrain",
                            *flags, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = state(tmp_path / "one"), state(tmp_path / "two")
@@ -323,7 +324,7 @@ def test_resume_after_kill_9(corpus, tmp_path):
 
     cfg = config(corpus, tmp_path / "killed", steps=300, eval_every=100, save_every=5)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(cfg).items() if not isinstance(v, bool)] + ["--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "llmos.train.pretrain", *flags], env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen([sys.executable, "-m", "llmos", "train", "pretrain", *flags], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -353,7 +354,7 @@ def test_torchrun_fsdp_resumes_a_one_process_run_exactly_and_saves_it_whole(corp
              "--aspect-ratio", "16", "--head-dim", "16", "--seq-len", "16", "--batch-size", "4", "--steps", "6",
              "--lr", "0.01", "--warmup-steps", "2", "--eval-every", "3", "--save-every", "3", "--no-progress"]
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmos.train.pretrain",
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmos", "train", "pretrain",
                            *flags, "--fsdp", "--out", str(tmp_path / "two")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

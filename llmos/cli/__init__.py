@@ -34,7 +34,7 @@ from llmos.evals import run as evals_run
 from llmos.formats import check_write, quantized, read_checkpoint, write_checkpoint
 from llmos.loader import ENGINES
 from llmos.offload import check_cuda, parse_gpu_layers, place
-from llmos.options import add_flags, make_config, parser_for
+from llmos.options import add_flags, config_from_argv, make_config, parser_for
 from llmos.sampling import SamplingParams
 from llmos.server.config import ServerConfig
 from llmos.speculative import Draft
@@ -338,16 +338,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# Each training stage keeps its own options with its code (fields of its config dataclass).
-TRAIN_STAGES = {"tokenizer": "llmos.train.tokenizer_train", "pretrain": "llmos.train.pretrain",
-                "sft": "llmos.train.sft", "dpo": "llmos.train.dpo", "reward": "llmos.train.reward",
-                "all": "llmos.train.pipeline"}
+# stage → (module, function, config class): the config's fields are the stage's flags and recipe keys.
+TRAIN_STAGES = {"tokenizer": ("llmos.train.tokenizer_train", "train_tokenizer", "TokenizerConfig"),
+                "pretrain": ("llmos.train.pretrain", "pretrain", "PretrainConfig"),
+                "sft": ("llmos.train.sft", "sft", "SFTConfig"), "dpo": ("llmos.train.dpo", "dpo", "DPOConfig"),
+                "reward": ("llmos.train.reward", "reward", "RewardConfig"), "all": ("llmos.train.pipeline", None, None)}
 
 
 def cmd_train(args) -> int:
     import importlib  # a stage is imported only when run: each pulls in its own libraries
 
-    return importlib.import_module(TRAIN_STAGES[args.stage]).main(args.args)
+    module, fn, cls = TRAIN_STAGES[args.stage]
+    stage = importlib.import_module(module)
+    if fn is None:  # the whole lifecycle: its recipe names each stage's options
+        stage.run(stage.make_plan(args.args))
+        return 0
+    cfg = config_from_argv(getattr(stage, cls), args.args, f"llmos train {args.stage}", stage.__doc__)
+    result = getattr(stage, fn)(cfg)
+    if args.stage == "tokenizer":
+        print(f"wrote {cfg.out}: {result.hf.get_vocab_size()} tokens")
+    return 0
 
 
 def gpu_layers_flag(args):

@@ -2,7 +2,6 @@
 
     llmos train dpo --data pairs.jsonl.gz --out DIR (--steps N | --minutes M) [--model MODEL] [--beta 0.1] [--no-lora]
     llmos train dpo --recipe recipes/dpo.toml --model runs/sft --data ../shared/data/preference/hh_rlhf_harmless_base_test.jsonl.gz --out runs/dpo
-    python -m llmos.train.dpo ...   (the same flags)
 
 The defaults are recipes/dpo.toml's measured values (bench/stages.py): LoRA of rank 16, pairs of at most
 512 tokens, 8 per step in micro-batches of 2. Like every training stage it prints its memory plan (`llmos
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
-from llmos.options import defaults, option, run_main
+from llmos.options import defaults, option
 from llmos.train import chat_data as C
 from llmos.train import lora as L
 from llmos.train.finetune import (IGNORE, FinetuneConfig, Order, add_lora, check, eos_ids, finetune, load_base, pad_id,
@@ -182,11 +181,3 @@ def dpo(cfg: DPOConfig) -> dict:
 
     return finetune(cfg, "dpo", model, tok, ckpt, device, Pairs(len(train), cfg.batch_size, micro, cfg.seed),
                     step_loss, validate, (1e-6, 5e-5), eos_ids(tok, ckpt, [p[0] for p in train[:50]]))
-
-
-def main(argv=None) -> int:
-    return run_main(dpo, DPOConfig, argv, "llmos train dpo", __doc__)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

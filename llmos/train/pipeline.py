@@ -1,7 +1,7 @@
 """The whole lifecycle in one command: tokenizer → pretrain → sft → dpo → evals → export.
 
     llmos train all --recipe recipes/e2e.toml [--out runs/e2e] [--data-dir ../shared/data] [--scale 0.1]
-    python -m llmos.train.pipeline --recipe recipes/e2e.toml
+    llmos train all --recipe recipes/e2e.toml
 
 The recipe's top-level keys are this command's flags (out, data_dir, scale, device, progress; a flag
 overrides its key); each [stage] table holds that stage's own keys, exactly those of `llmos train
@@ -559,16 +559,3 @@ def run(plan: Plan) -> list[dict]:
                                           "config": asdict(plan.cfg), "out": str(plan.out)})
     print(text, flush=True)
     return rows
-
-
-def main(argv=None) -> int:
-    try:
-        run(make_plan(sys.argv[1:] if argv is None else argv))
-    except LlmosError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

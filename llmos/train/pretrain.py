@@ -2,7 +2,7 @@
 
     llmos train pretrain --data corpus.txt --out DIR (--steps 2000 | --minutes 10) [--tokenizer DIR] [--depth 3]
     llmos train pretrain --recipe recipes/pretrain_tiny.toml --data ../shared/data/corpora/tinyshakespeare.txt --out runs/tiny
-    torchrun --standalone --nproc_per_node 2 -m llmos.train.pretrain --data corpus.txt --out DIR --steps 2000 [--fsdp]
+    torchrun --standalone --nproc_per_node 2 -m llmos train pretrain --data corpus.txt --out DIR --steps 2000 [--fsdp]
 
 With no other flag it runs the best measured recipe (PretrainConfig below): depth 3, a 2,048-token
 vocabulary, rows of 256 tokens, 16 per step. Before building the model it prints the memory plan
@@ -55,7 +55,7 @@ from llmos import planner
 from llmos.errors import LlmosError
 from llmos.formats import Checkpoint
 from llmos.model import Config, Transformer
-from llmos.options import defaults, option, run_main
+from llmos.options import defaults, option
 from llmos.tokenizer import Tokenizer
 from llmos.train import data as D
 from llmos.train.loop import (RUN_CONTROL, TrainConfig, check_run, end_step, finished_before, load_state, log,
@@ -348,11 +348,3 @@ def load_or_train_tokenizer(cfg: PretrainConfig, data_dir: Path):
         train, _ = D.split_documents(D.read_documents(cfg.data), cfg.val_fraction)
         save(train_bpe(train, cfg.vocab_size, cfg.pattern, cfg.min_frequency), data_dir / "tokenizer")
     return Tokenizer.from_hf_dir(data_dir / "tokenizer")
-
-
-def main(argv=None) -> int:
-    return run_main(pretrain, PretrainConfig, argv, "llmos train pretrain", __doc__)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,6 @@
 """Stage 3, the RLHF way: a reward model that scores a response, trained on preference pairs.
 
     llmos train reward --data pairs.jsonl.gz --out DIR (--steps N | --minutes M) [--model MODEL] [--no-lora]
-    python -m llmos.train.reward ...   (the same flags)
 
 The reward model is the language model with a scalar head on the final hidden state of the
 conversation's last token: r = w · h_last + b. Trained with the Bradley-Terry loss
@@ -28,11 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safetensors.torch import load_file, save_file
 
 from llmos import loader
 from llmos.errors import LlmosError
-from llmos.options import run_main
+from llmos.formats import hf
 from llmos.train import chat_data as C
 from llmos.train.dpo import PairConfig, Pairs, tokenize_pairs
 from llmos.train.finetune import add_lora, check, eos_ids, finetune, load_base, pad_id, row_tokens, split
@@ -109,8 +107,7 @@ def reward(cfg: RewardConfig) -> dict:
         return {"val_loss": loss / len(val), "accuracy": correct / len(val), "margin": margin / len(val)}
 
     def write_head(directory: Path):
-        save_file({k: v.detach().cpu().float().contiguous() for k, v in head.state_dict().items()},
-                  directory / HEAD_FILE)
+        hf.write_tensor_file(directory / HEAD_FILE, head.state_dict())
 
     return finetune(cfg, "reward", model, tok, ckpt, device, Pairs(len(train), cfg.batch_size, micro, cfg.seed),
                     step_loss, validate, (1e-5, 1e-4), eos_ids(tok, ckpt), extra={"head": head}, extra_files=write_head)
@@ -128,7 +125,7 @@ def load_reward_model(path, device: str = "cpu"):
     r = loader.load(str(path), "torch", device, precision="f32", tokenizer=False)
     model, tok, ckpt = r.model, r.tokenizer, r.checkpoint
     head = new_head(ckpt.config.dim)
-    head.load_state_dict(load_file(file))
+    head.load_state_dict(hf.read_tensor_file(file))
     return model, tok, head.to(device).eval()
 
 
@@ -139,11 +136,3 @@ def score(model, tok, head, messages: list[dict], tools=None) -> float:
     ids = ids[-model.cfg.max_seq_len :]  # too long: keep the end, where the response is
     device = head.weight.device
     return rewards(model, head, torch.tensor([ids], device=device), torch.tensor([len(ids) - 1], device=device)).item()
-
-
-def main(argv=None) -> int:
-    return run_main(reward, RewardConfig, argv, "llmos train reward", __doc__)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

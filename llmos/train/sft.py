@@ -2,7 +2,6 @@
 
     llmos train sft --data conversations.json --out DIR (--steps N | --minutes M) [--model MODEL] [--no-lora]
     llmos train sft --data ../shared/data/sft/identity.json --fill 'name=Ada,author=Ada Lab' --steps 40 --out runs/sft
-    python -m llmos.train.sft ...   (the same flags)
 
 With no other flag it runs the best recipe measured (recipes/sft.toml; llmos/train/finetune.py has the
 numbers): LoRA of rank 16 on the bundled SmolLM2-135M, rows of 512 tokens, 4 per step in micro-batches
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import LlmosError
-from llmos.options import defaults, option, run_main
+from llmos.options import defaults, option
 from llmos.train import chat_data as C
 from llmos.train.finetune import (IGNORE, FinetuneConfig, Order, add_lora, check, eos_ids, finetune, load_base, pad_id,
                                   pad_rows, row_tokens, split)
@@ -162,11 +161,3 @@ def sft(cfg: SFTConfig) -> dict:
     batches = Rows(train, T, cfg.batch_size, micro, cfg.packing, cfg.seed, pad)
     return finetune(cfg, "sft", model, tok, ckpt, device, batches, step_loss, validate, (2e-5, 1e-3),
                     eos_ids(tok, ckpt, train))
-
-
-def main(argv=None) -> int:
-    return run_main(sft, SFTConfig, argv, "llmos train sft", __doc__)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Stage 0: train a byte-level BPE tokenizer with the chat special tokens reserved.
 
     llmos train tokenizer --data corpus.txt --vocab-size 4096 --out DIR
-    python -m llmos.train.tokenizer_train --data corpus.txt --vocab-size 4096 --out DIR
+    llmos train tokenizer --data corpus.txt --vocab-size 4096 --out DIR
 
 Byte-level: text becomes UTF-8 bytes before merging, so every string is encodable
 and decoding gives back the exact bytes (bits per byte depends on that). Merges
@@ -22,7 +22,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmos.errors import LlmosError
-from llmos.options import option, run_main
+from llmos.options import option
 from llmos.files import atomic_write
 from llmos.tokenizer import Tokenizer
 from llmos.train.data import CORPUS_HELP, read_documents
@@ -104,15 +104,3 @@ def train_tokenizer(cfg: TokenizerConfig):
     tok = train_bpe(read_documents(cfg.data), cfg.vocab_size, cfg.pattern, cfg.min_frequency)
     save(tok, cfg.out)
     return Tokenizer.from_hf_dir(cfg.out)
-
-
-def main(argv=None) -> int:
-    def run(cfg):
-        tok = train_tokenizer(cfg)
-        print(f"wrote {cfg.out}: {tok.hf.get_vocab_size()} tokens")
-
-    return run_main(run, TokenizerConfig, argv, "llmos train tokenizer", __doc__)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
