@@ -28,6 +28,7 @@ import torch
 
 from llmos import loader, planner
 from llmos.errors import LlmosError
+from llmos.quant import release_memory
 from llmos.formats import Checkpoint
 from llmos.options import defaults, option
 from llmos.train import chat_data as C
@@ -283,6 +284,7 @@ def finetune(cfg, stage: str, model, tok, ckpt, device, batches, step_loss, vali
             # The step's loss is the mean over all its units (tokens or pairs), whatever the micro-batching.
             (loss_sum / max(units, 1)).backward()
             loss_total += loss_sum.item()
+            release_memory(collect=False)
             for k, v in sums.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
         if cfg.grad_clip > 0:
