@@ -95,9 +95,9 @@ def make_config(cls, values: dict | None = None, recipe=None):
     return cls(**{**merged, **values})
 
 
-def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
+def parser_for(cls, prog: str, description: str, parser=argparse.ArgumentParser) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field; every default is None so recipes can fill the gaps."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="TOML file with any of the options below; flags override it")
     for f in dataclasses.fields(cls):
         kind = _types(cls)[f.name]
@@ -111,8 +111,8 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_argv(cls, argv, prog: str, description: str):
-    args = vars(parser_for(cls, prog, description).parse_args(argv))
+def config_from_argv(cls, argv, prog: str, description: str, parser=argparse.ArgumentParser):
+    args = vars(parser_for(cls, prog, description, parser).parse_args(argv))
     recipe = args.pop("recipe")
     return make_config(cls, args, recipe)
 def add_flags(p: argparse.ArgumentParser, cls, names: list[str] | None = None) -> None:

@@ -353,7 +353,7 @@ def cmd_train(args) -> int:
     if fn is None:  # the whole lifecycle: its recipe names each stage's options
         stage.run(stage.make_plan(args.args))
         return 0
-    cfg = config_from_argv(getattr(stage, cls), args.args, f"llmos train {args.stage}", stage.__doc__)
+    cfg = config_from_argv(getattr(stage, cls), args.args, f"llmos train {args.stage}", stage.__doc__, Parser)
     result = getattr(stage, fn)(cfg)
     if args.stage == "tokenizer":
         print(f"wrote {cfg.out}: {result.hf.get_vocab_size()} tokens")
@@ -446,7 +446,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    p = parser_for(evals_run.EvalConfig, "llmos eval", evals_run.__doc__)
+    p = parser_for(evals_run.EvalConfig, "llmos eval", evals_run.__doc__, Parser)
     p.add_argument("model_name", nargs="?", metavar="MODEL", help="model name or path (default: the bundled SmolLM2)")
     given = vars(p.parse_args(args.args))
     name, recipe = given.pop("model_name"), given.pop("recipe")
