@@ -71,11 +71,6 @@ class Runner:
     def eos_ids(self) -> list[int]:
         return list(self.meta.get("eos_token_ids") or [])
 
-    def sampling(self, **given) -> SamplingParams:
-        """The runner's defaults overridden by the values given (None means not given), checked."""
-        params = replace(self.defaults, **{k: v for k, v in given.items() if v is not None})
-        params.validate()
-        return params
 
 
 # ----------------------------------------------------------------------------
@@ -104,6 +99,13 @@ def backend(engine: str = "auto", device: str = "cpu", *, batch: int = 1, train:
                              "install g++ or use --engine torch")
         return "fast"
     return "fast" if kernels.load() is not None else "torch"
+
+
+def with_overrides(defaults: SamplingParams, **given) -> SamplingParams:
+    """`defaults` overridden by the values given (None means not given), checked."""
+    params = replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    params.validate()
+    return params
 
 
 def generation_defaults(meta: dict) -> SamplingParams:
@@ -195,8 +197,6 @@ def decoder_for(model: Transformer, ckpt: Checkpoint | None, kind: str, engine: 
 def load_model(path: Path, device: str = "cpu", precision=None, group_size: int | None = None) -> tuple[Transformer, Checkpoint]:
     """(model, checkpoint with an empty state dict) at a precision. Converts and quantizes one tensor at a time
     and drops the float state dict, so the peak is the file as read (llmos.planner counts it so)."""
-    if isinstance(precision, str) and precision not in PRECISIONS + ("float32", "float16", "bfloat16"):
-        raise LlmosError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if quantized.is_quantized_dir(path):
         stored = json.loads((Path(path) / "config.json").read_text())["quantization_config"].get("scheme")
         if precision in quant.SCHEMES and precision != stored:

@@ -47,11 +47,11 @@ from llmos import bench
 FLAGS = {"max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k"}
 
 
-def sampling(runner: loader.Runner, args) -> SamplingParams:
-    """The runner's generation defaults overridden by the flags given, with errors naming the flag typed."""
+def sampling(defaults: SamplingParams, args) -> SamplingParams:
+    """`defaults` overridden by the flags given, with errors naming the flag typed."""
     given = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     try:
-        return runner.sampling(**given)
+        return loader.with_overrides(defaults, **given)
     except LlmosError as e:  # "top_p must be in (0, 1], got 1.5": name the flag the user typed
         name, _, rest = str(e).partition(" ")
         raise LlmosError(f"{FLAGS.get(name, name)} {rest}") from None
@@ -63,7 +63,7 @@ def load(name: str, **how) -> loader.Runner:
 
 
 def cmd_run(args) -> int:
-    sampling(loader.Runner("", None, None, None, "torch", SamplingParams()), args)  # bad flags fail before loading
+    sampling(SamplingParams(), args)  # bad flags fail before a model is loaded
     gpu_layers = gpu_layers_flag(args)
     if args.draft and args.draft_tokens < 1:
         raise LlmosError(f"--draft-tokens must be an integer >= 1, got {args.draft_tokens}")
@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
             if args.prompt is None and str(e).startswith("unknown model"):
                 raise LlmosError(f"{e} (MODEL comes first: to ask the default model, run `llmos run default {shlex.quote(args.model)}`)") from None
             raise
-    params, tok = sampling(runner, args), runner.tokenizer
+    params, tok = sampling(runner.defaults, args), runner.tokenizer
     if gpu_layers is not None:
         place(runner.model, gpu_layers, ctx=min(runner.config.max_seq_len, 4096))
     draft = None
